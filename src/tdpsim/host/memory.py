@@ -1,0 +1,139 @@
+"""Host physical memory: a 4 KiB page allocator with free-list reuse and poisoning.
+
+* Pages are numbered by PFN.  A freed page goes on a LIFO free list (like the per-CPU page
+  lists: the most recently freed page is handed out first), so a use after free quickly
+  lands on a page that belongs to someone else, as it would in the kernel.
+* Every allocation bumps the page's generation.  A holder keeps ``(pfn, gen)``; ``check``
+  tells whether that reference is still the live allocation.
+* Freeing poisons the page: its content buffer (if any, e.g. a page table's 512 SPTEs) is
+  filled with ``POISON`` so a walker that reads it sees garbage, and the page's state says
+  FREE so ``check`` and ``write_back`` detect the access.  Double free is reported.
+* Bulk variants work on NumPy arrays of PFNs for the MMU's fast paths.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .host import Host
+
+POISON = 0x6B6B6B6B6B6B6B6B   # slab's POISON_FREE byte, repeated
+FREE, ALLOCATED = 0, 1
+
+
+class PageAllocator:
+    def __init__(self, host: "Host", total_pages: int | None = None):
+        self.host = host
+        self.total = total_pages          # None: unbounded
+        cap = 1 << 16
+        self.state = np.zeros(cap, dtype=np.uint8)
+        self.gen = np.zeros(cap, dtype=np.uint32)
+        self.owner: list[str | None] = [None] * cap
+        self.contents: dict[int, np.ndarray] = {}
+        self._free: list[int] = []
+        self._next = 1                    # PFN 0 is never handed out
+        self.allocated = 0
+        self.peak = 0
+        self.allocs = 0
+        self.frees = 0
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.state)
+        if need < cap:
+            return
+        new = max(cap * 2, need + 1)
+        self.state = np.concatenate([self.state, np.zeros(new - cap, dtype=np.uint8)])
+        self.gen = np.concatenate([self.gen, np.zeros(new - cap, dtype=np.uint32)])
+        self.owner.extend([None] * (new - cap))
+
+    def alloc(self, owner: str = "", content: np.ndarray | None = None) -> int:
+        """Allocate one page; ``content`` is an optional buffer to poison on free."""
+        if self._free:
+            pfn = self._free.pop()
+        else:
+            if self.total is not None and self.allocated >= self.total:
+                raise MemoryError("host out of memory")
+            pfn = self._next
+            self._next += 1
+            self._grow(pfn)
+        self.state[pfn] = ALLOCATED
+        self.gen[pfn] += 1
+        self.owner[pfn] = owner
+        if content is not None:
+            self.contents[pfn] = content
+        self.allocated += 1
+        self.allocs += 1
+        if self.allocated > self.peak:
+            self.peak = self.allocated
+        return pfn
+
+    def free(self, pfn: int, who=None) -> None:
+        if self.state[pfn] != ALLOCATED:
+            self.host.report("double_free", who, pfn=pfn, owner=self.owner[pfn])
+            return
+        self.state[pfn] = FREE
+        buf = self.contents.pop(pfn, None)
+        if buf is not None:
+            buf.fill(POISON)
+        self._free.append(pfn)
+        self.allocated -= 1
+        self.frees += 1
+
+    def alloc_many(self, n: int, owner: str = "") -> np.ndarray:
+        """Allocate n pages at once (free list first, most recent first)."""
+        take = min(n, len(self._free))
+        out = np.empty(n, dtype=np.int64)
+        if take:
+            out[:take] = self._free[:-take - 1:-1]
+            del self._free[-take:]
+        fresh = n - take
+        if fresh:
+            if self.total is not None and self.allocated + n > self.total:
+                raise MemoryError("host out of memory")
+            out[take:] = np.arange(self._next, self._next + fresh, dtype=np.int64)
+            self._next += fresh
+            self._grow(self._next)
+        self.state[out] = ALLOCATED
+        self.gen[out] += 1
+        for p in out.tolist():
+            self.owner[p] = owner
+        self.allocated += n
+        self.allocs += n
+        self.peak = max(self.peak, self.allocated)
+        return out
+
+    def free_many(self, pfns: np.ndarray, who=None) -> None:
+        pfns = np.asarray(pfns, dtype=np.int64)
+        bad = pfns[self.state[pfns] != ALLOCATED]
+        for p in bad.tolist():
+            self.host.report("double_free", who, pfn=p, owner=self.owner[p])
+        good = pfns[self.state[pfns] == ALLOCATED]
+        self.state[good] = FREE
+        for p in good.tolist():
+            buf = self.contents.pop(p, None)
+            if buf is not None:
+                buf.fill(POISON)
+        self._free.extend(good.tolist())
+        self.allocated -= len(good)
+        self.frees += len(good)
+
+    # ---- checks ------------------------------------------------------------------------
+
+    def is_live(self, pfn: int, gen: int) -> bool:
+        return bool(self.state[pfn] == ALLOCATED and self.gen[pfn] == gen)
+
+    def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
+        """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""
+        if self.is_live(pfn, gen):
+            return True
+        reused = bool(self.state[pfn] == ALLOCATED)
+        self.host.report("use_after_free", who, pfn=pfn, what=what, reused=reused,
+                         now_owner=self.owner[pfn] if reused else None)
+        return False
+
+    def write_back(self, pfn: int, gen: int, who=None, what: str = "dirty") -> bool:
+        """A/D write-back to a page's ``struct page`` (kvm_set_pfn_dirty/accessed)."""
+        return self.check(pfn, gen, who, what=f"{what} write-back")

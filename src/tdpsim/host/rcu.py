@@ -1,0 +1,157 @@
+"""RCU: read-side critical sections, grace periods, call_rcu, synchronize_rcu, rcu_barrier.
+
+Model (tree RCU reduced to what the TDP MMU relies on):
+
+* ``read_lock``/``read_unlock`` nest per task; only the outermost pair matters.
+* A grace period (GP) starts when callbacks or synchronize_rcu callers are waiting and no
+  GP is running.  It waits for every reader that was inside its critical section when the GP
+  started (the guarantee the memory model's RCU litmus tests check) and lasts at least
+  ``rcu_gp_min``.  Readers that start after the GP started do not hold it up.
+* Callbacks queued before a GP starts are invoked when it ends; callbacks queued during a GP
+  wait for the next one.  Invocation happens at the GP's end, in order of queueing (the
+  kernel runs them from softirq soon after; that delay is not modelled).
+* RCU CPU stall: if a GP has not ended ``rcu_stall_timeout`` after it started, each reader
+  still holding it up is reported (CPU, task, what it was doing, how long it has been inside).
+  One report per GP.
+
+Read-side sections are not Resources: bulk loops never enter or leave one mid-bulk.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Generator
+
+from ..sim.engine import Task
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .sched import Thread
+
+
+class Rcu:
+    def __init__(self, host: "Host"):
+        self.host = host
+        self.engine = host.engine
+        self.gp_min = host.costs.rcu_gp_min
+        self.stall_timeout = host.config.rcu_stall_timeout_ns
+        self.readers: dict[int, "Thread"] = {}
+        self.gp_seq = 0               # number of GPs completed
+        self.gp_running = False
+        self.gp_start = 0
+        self._holdouts: dict[int, "Thread"] = {}
+        self._min_elapsed = False
+        self._cur: list[Callable[[], None]] = []    # callbacks the running GP will invoke
+        self._next: list[Callable[[], None]] = []   # callbacks for the GP after
+        self._waiters: list[tuple[int, "Thread"]] = []  # (gp number to wait for, thread)
+        self.owner = Task(self.engine.new_id(), "rcu")
+        self.stalls: list[dict] = []
+        self.callbacks_invoked = 0
+        self.longest_section = 0
+        self.longest_section_who: tuple[str, int] | None = None
+
+    # ---- readers ------------------------------------------------------------------------
+
+    def read_lock(self, th: "Thread") -> None:
+        th.rcu_nesting += 1
+        if th.rcu_nesting == 1:
+            th.rcu_since = self.engine.now
+            self.readers[th.id] = th
+
+    def read_unlock(self, th: "Thread") -> None:
+        assert th.rcu_nesting > 0, f"{th.name}: rcu_read_unlock without rcu_read_lock"
+        th.rcu_nesting -= 1
+        if th.rcu_nesting:
+            return
+        del self.readers[th.id]
+        length = self.engine.now - th.rcu_since
+        if length > self.longest_section:
+            self.longest_section = length
+            self.longest_section_who = (th.name, th.cpu.id if th.cpu else -1)
+        if self._holdouts.pop(th.id, None) is not None and not self._holdouts \
+                and self._min_elapsed:
+            self._end_gp()
+
+    def in_reader(self, th: "Thread") -> bool:
+        return th.rcu_nesting > 0
+
+    # ---- grace periods ------------------------------------------------------------------
+
+    def call_rcu(self, fn: Callable[[], None]) -> None:
+        """Invoke ``fn()`` after a full grace period."""
+        self._next.append(fn)
+        if not self.gp_running:
+            self._start_gp()
+
+    def synchronize_rcu(self, th: "Thread") -> Generator:
+        """Block until a full grace period has elapsed after the call."""
+        # a GP already running may have started before us: wait for the next one
+        target = self.gp_seq + (2 if self.gp_running else 1)
+        self._waiters.append((target, th))
+        if not self.gp_running:
+            self._start_gp()
+        yield from self.host.sched.block(th)
+
+    def rcu_barrier(self, th: "Thread") -> Generator:
+        """Block until every callback queued before the call has been invoked."""
+        if self._next:
+            target = self.gp_seq + (2 if self.gp_running else 1)
+        elif self._cur:
+            target = self.gp_seq + 1
+        else:
+            return
+        self._waiters.append((target, th))
+        yield from self.host.sched.block(th)
+
+    def _start_gp(self) -> None:
+        eng = self.engine
+        self.gp_running = True
+        self.gp_start = eng.now
+        self._cur, self._next = self._next, []
+        self._holdouts = dict(self.readers)
+        self._min_elapsed = False
+        gp = self.gp_seq + 1
+        eng.call_at(eng.now + self.gp_min, lambda _v: self._min_done(gp), "rcu_gp", self.owner)
+        eng.call_at(eng.now + self.stall_timeout, lambda _v: self._stall_check(gp),
+                    "rcu_stall", self.owner)
+        if eng.trace is not None:
+            eng.trace.emit(eng.now, "rcu_gp_start", None, gp=gp, holdouts=len(self._holdouts))
+
+    def _min_done(self, gp: int) -> None:
+        if not self.gp_running or gp != self.gp_seq + 1:
+            return
+        self._min_elapsed = True
+        if not self._holdouts:
+            self._end_gp()
+
+    def _end_gp(self) -> None:
+        eng = self.engine
+        self.gp_seq += 1
+        self.gp_running = False
+        if eng.trace is not None:
+            eng.trace.emit(eng.now, "rcu_gp_end", None, gp=self.gp_seq,
+                           callbacks=len(self._cur))
+        cbs, self._cur = self._cur, []
+        for fn in cbs:
+            fn()
+        self.callbacks_invoked += len(cbs)
+        still = []
+        for target, th in self._waiters:
+            if target <= self.gp_seq:
+                self.host.sched.wake(th)
+            else:
+                still.append((target, th))
+        self._waiters = still
+        if self._next or self._waiters:
+            self._start_gp()
+
+    def _stall_check(self, gp: int) -> None:
+        if not self.gp_running or gp != self.gp_seq + 1 or not self._holdouts:
+            return
+        now = self.engine.now
+        for th in self._holdouts.values():
+            rec = {"gp": gp, "cpu": th.cpu.id if th.cpu else -1, "task": th.name,
+                   "inside_ns": now - th.rcu_since, "gp_age_ns": now - self.gp_start,
+                   "doing": th.doing}
+            self.stalls.append(rec)
+            self.host.report("rcu_stall", th, cpu=rec["cpu"], inside_ns=rec["inside_ns"],
+                             gp_age_ns=rec["gp_age_ns"], doing=th.doing)

@@ -1,0 +1,352 @@
+"""Discrete-event engine: integer-nanosecond clock, generator tasks, decisions, bulk steps.
+
+Tasks are generators.  What a task yields tells the engine what to do next:
+
+* an ``int`` d >= 0: run again d ns from now (the task keeps whatever it holds);
+* ``PARK``: suspend until some other code calls ``engine.wake(task)`` / ``schedule``;
+* a ``Bulk``: a run of loop iterations executed at once (the ``fast`` granularity).
+
+Events due at the same instant are ordered by the strategy's rank of their task, and the
+choice is recorded as a ``tie`` decision when more than one event is due.
+
+Bulk steps (see docs/design-notes.md, "fast granularity"): a task that would run n loop
+iterations one event each instead yields one Bulk naming the resources its loop depends on.
+The engine schedules the task at the end of the whole run of iterations and applies nothing
+yet.  Any code about to read or change one of those resources calls ``settle(resource)``
+first; the engine then applies exactly the iterations that ``exact`` mode would have run
+before the current event (same rank rule for an iteration due at this very instant) and
+reschedules the task at the start of the first iteration not run.  Iterations are applied
+lazily, so no event can see a state that ``exact`` mode would not have shown it.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from heapq import heappop, heappush
+from itertools import count
+from typing import Callable, Generator, Iterable
+
+import numpy as np
+
+from .strategy import FifoStrategy, Strategy
+from .trace import Trace
+
+
+class _Park:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PARK"
+
+
+PARK = _Park()
+
+
+class StopRun(Exception):
+    """Raised by the stop timer (never inside a task) to end ``Engine.run``."""
+
+
+class Resource:
+    """Anything a bulk loop depends on (a lock, a CPU, a root...).
+
+    Invariant: code that reads or changes what a bulk depends on calls
+    ``engine.settle(resource)`` first whenever ``resource.bulks`` is non-empty."""
+
+    __slots__ = ("bulks",)
+
+    def __init__(self) -> None:
+        self.bulks: list[Bulk] = []
+
+
+class Task:
+    """A generator task.  ``fn`` is set instead of ``gen`` for one-shot timer callbacks."""
+
+    __slots__ = ("id", "name", "gen", "fn", "done", "result", "bulk", "on_exit", "_entry")
+
+    def __init__(self, tid: int, name: str, gen: Generator | None = None,
+                 fn: Callable | None = None):
+        self.id = tid
+        self.name = name
+        self.gen = gen
+        self.fn = fn
+        self.done = False
+        self.result = None
+        self.bulk: Bulk | None = None
+        self.on_exit: Callable | None = None
+        self._entry = None  # (time, entry) of the pending event, kept only while in a bulk
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.name}>"
+
+
+class Bulk:
+    """A run of ``n`` loop iterations yielded as one step.
+
+    ``costs`` are the iterations' durations in ns (each >= 1); iteration i starts at
+    ``t0 + sum(costs[:i])``.  ``apply(k)`` performs the first k iterations' effects.  The task
+    is resumed with the number of iterations done, at the start of the first not done."""
+
+    __slots__ = ("cum", "apply", "resources", "task", "t0", "n")
+
+    def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource]):
+        if isinstance(costs, tuple):  # (n, uniform cost)
+            n, c = costs
+            self.cum = np.arange(1, n + 1, dtype=np.int64) * c
+        else:
+            self.cum = np.cumsum(np.asarray(costs, dtype=np.int64))
+        self.n = len(self.cum)
+        if self.n == 0:
+            raise ValueError("empty bulk")
+        self.apply = apply
+        self.resources = tuple(resources)
+        self.task: Task | None = None
+        self.t0 = 0
+
+    def start_of(self, k: int) -> int:
+        """Absolute start time of iteration k (k may be n: the end of the run)."""
+        return self.t0 + (int(self.cum[k - 1]) if k else 0)
+
+
+_BULK_END = object()   # value of a bulk's end event
+
+
+def _rank_of(entry: tuple) -> int:
+    return entry[0]
+
+
+def _raise_stop(_value) -> None:
+    raise StopRun
+
+
+class Engine:
+    """The event loop.  ``granularity`` is 'exact' or 'fast' and is read by the layers above."""
+
+    def __init__(self, strategy: Strategy | None = None, trace: Trace | None = None,
+                 granularity: str = "exact", record_decisions: bool = True):
+        if granularity not in ("exact", "fast"):
+            raise ValueError("granularity must be 'exact' or 'fast'")
+        self.strategy = strategy or FifoStrategy()
+        self.trace = trace
+        self.granularity = granularity
+        self.fast = granularity == "fast"
+        self.now = 0
+        self.current: Task | None = None
+        self.record_decisions = record_decisions
+        #: every decision with > 1 choice, in order; read it through ``decision_log()``
+        self.decisions: list[tuple] = []
+        self.events = 0
+        self._times: list[int] = []
+        self._buckets: dict[int, list] = {}
+        self._ids = count()
+        self.tasks: list[Task] = []
+        #: rank id of timers that have no owner (fixed, so ranks never depend on how many
+        #: timers a run created: exact and fast mode create different numbers of events)
+        self.timer_owner = Task(self.new_id(), "timer")
+
+    # ---- tasks and events -------------------------------------------------------------
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def spawn(self, gen: Generator, name: str, at: int | None = None,
+              task: Task | None = None) -> Task:
+        """Start a generator task now (or at ``at``).  ``task`` lets a layer pass its own
+        Task subclass, created with ``engine.new_id()``."""
+        if task is None:
+            task = Task(self.new_id(), name, gen)
+        else:
+            task.gen = gen
+        self.tasks.append(task)
+        self.schedule(task, self.now if at is None else at)
+        return task
+
+    def call_at(self, t: int, fn: Callable[[object], None], name: str = "timer",
+                owner: Task | None = None, value=None) -> Task:
+        """Run ``fn(value)`` at time t as its own event (ranked as ``owner`` if given)."""
+        timer = Task((owner or self.timer_owner).id, name, fn=fn)
+        self.schedule(timer, t, value)
+        return timer
+
+    def schedule(self, task: Task, t: int, value=None) -> None:
+        """Make ``task`` run at absolute time t (>= now) with ``value`` sent in."""
+        if t < self.now:
+            raise ValueError(f"cannot schedule {task.name} in the past ({t} < {self.now})")
+        s = self.strategy
+        rank = task.id if s.rank_is_id else s.rank(task.id, t)
+        entry = (rank, task, value)
+        b = self._buckets.get(t)
+        if b is None:
+            self._buckets[t] = [entry]
+            heappush(self._times, t)
+        else:
+            insort(b, entry, key=_rank_of)
+        if task.bulk is not None:
+            task._entry = (t, entry)
+
+    def wake(self, task: Task, value=None) -> None:
+        self.schedule(task, self.now, value)
+
+    def stop(self) -> None:
+        """End ``run`` at the current instant (events already due now may not run)."""
+        self.call_at(self.now, _raise_stop, "stop")
+
+    def decide(self, name: str, choices: tuple) -> int:
+        """A named decision among ``choices``; returns the chosen index and records it."""
+        n = len(choices)
+        if n <= 1:
+            return 0
+        i = self.strategy.choose(name, n)
+        if self.record_decisions:
+            self.decisions.append((self.now, name, tuple(choices), i))
+        if self.trace is not None:
+            self.trace.emit(self.now, "decision", None, name=name, choices=list(choices), chosen=i)
+        return i
+
+    def decision_log(self) -> list[tuple]:
+        """``(time, name, choices, chosen index)`` for every decision, in the order made.
+
+        Simultaneous-event decisions are named ``tie`` and list the tasks' ids."""
+        out = []
+        for t, name, choices, i in self.decisions:
+            if name is None:
+                out.append((t, "tie", tuple(e[1].id for e in choices), i))
+            else:
+                out.append((t, name, choices, i))
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self, until: int | None = None) -> int:
+        """Run events until none is left or the next is after ``until``.  Returns ``now``."""
+        times = self._times
+        buckets = self._buckets
+        strategy = self.strategy
+        rank_is_id = strategy.rank_is_id
+        tie_by_rank = strategy.tie_by_rank
+        decisions = self.decisions
+        record = self.record_decisions
+        limit = (1 << 63) if until is None else until
+        bulk_end = _BULK_END
+        nevents = 0
+        try:
+            while times:
+                t = heappop(times)
+                if t > limit:
+                    heappush(times, t)
+                    break
+                b = buckets.pop(t)
+                if len(b) == 1:
+                    rank, task, value = b[0]
+                elif not b:  # emptied by a bulk settle
+                    continue
+                else:
+                    i = 0 if tie_by_rank else strategy.choose_tie(t, tuple(e[1].id for e in b))
+                    if record:  # raw snapshot; decision_log() gives it its canonical form
+                        decisions.append((t, None, b[:], i))
+                    rank, task, value = b.pop(i)
+                    buckets[t] = b
+                    heappush(times, t)
+                self.now = t
+                self.current = task
+                nevents += 1
+                if value is bulk_end:
+                    value = self._finish_bulk(task)
+                gen = task.gen
+                if gen is None:  # timer callback
+                    task.fn(value)
+                    continue
+                try:
+                    cmd = gen.send(value)
+                except StopIteration as stop:
+                    self._exit(task, stop.value)
+                    continue
+                if cmd.__class__ is int:
+                    t2 = t + cmd
+                    entry = (task.id if rank_is_id else strategy.rank(task.id, t2), task, None)
+                    b2 = buckets.get(t2)
+                    if b2 is None:
+                        buckets[t2] = [entry]
+                        heappush(times, t2)
+                    else:
+                        insort(b2, entry, key=_rank_of)
+                elif cmd is PARK:
+                    pass
+                elif cmd.__class__ is Bulk:
+                    self._start_bulk(task, cmd)
+                else:
+                    raise TypeError(f"task {task.name} yielded {cmd!r}")
+        except StopRun:
+            pass
+        finally:
+            self.events += nevents
+            self.current = None
+        if until is not None and (not times or times[0] > until) and until > self.now:
+            self.now = until
+        return self.now
+
+    def _exit(self, task: Task, result) -> None:
+        task.done = True
+        task.result = result
+        task.gen = None
+        if task.on_exit is not None:
+            task.on_exit(task)
+
+    # ---- bulk steps ---------------------------------------------------------------------
+
+    def _start_bulk(self, task: Task, bulk: Bulk) -> None:
+        bulk.task = task
+        bulk.t0 = self.now
+        task.bulk = bulk
+        for r in bulk.resources:
+            r.bulks.append(bulk)
+        self.schedule(task, self.now + int(bulk.cum[-1]), _BULK_END)
+        if self.trace is not None:
+            self.trace.emit(self.now, "bulk", task.name, n=bulk.n)
+
+    def _finish_bulk(self, task: Task) -> int:
+        """The bulk's end event: apply every iteration.  Returns the count for the task."""
+        bulk = task.bulk
+        self._detach(bulk)
+        bulk.apply(bulk.n)
+        return bulk.n
+
+    def _detach(self, bulk: Bulk) -> None:
+        for r in bulk.resources:
+            r.bulks.remove(bulk)
+        bulk.task.bulk = None
+        bulk.task._entry = None
+
+    def settle(self, resource: Resource) -> None:
+        """Apply pending bulk iterations that depend on ``resource`` up to the current event.
+
+        Must be called before the current event reads or changes what those bulks depend on."""
+        for bulk in list(resource.bulks):
+            self._settle(bulk)
+
+    def _settle(self, bulk: Bulk) -> None:
+        task = bulk.task
+        if task is self.current:
+            return
+        now = self.now
+        d = now - bulk.t0
+        cum = bulk.cum
+        # Iteration 0 ran when the bulk was issued; iteration i >= 1 starts at t0 + cum[i-1].
+        k = 1 + int(np.searchsorted(cum[:-1], d, side="left"))
+        if k < bulk.n and int(cum[k - 1]) == d:
+            # iteration k is due at this very instant: exact mode orders it by rank
+            s = self.strategy
+            cur = self.current
+            if s.rank_is_id:
+                first = task.id < cur.id
+            else:
+                first = s.rank(task.id, now) < s.rank(cur.id, now)
+            if first:
+                k += 1
+        t_end, entry = task._entry
+        b = self._buckets[t_end]
+        b.remove(entry)
+        self._detach(bulk)
+        bulk.apply(k)
+        if self.trace is not None:
+            self.trace.emit(now, "bulk_settle", task.name, done=k, of=bulk.n)
+        self.schedule(task, bulk.start_of(k), k)
