@@ -31,6 +31,7 @@ class PageAllocator:
         cap = 1 << 16
         self.state = np.zeros(cap, dtype=np.uint8)
         self.gen = np.zeros(cap, dtype=np.uint32)
+        self.refs = np.zeros(cap, dtype=np.uint32)   # mappings of a shared page (KSM, anon)
         self.owner: list[str | None] = [None] * cap
         self.contents: dict[int, np.ndarray] = {}
         self._free: list[int] = []
@@ -47,6 +48,7 @@ class PageAllocator:
         new = max(cap * 2, need + 1)
         self.state = np.concatenate([self.state, np.zeros(new - cap, dtype=np.uint8)])
         self.gen = np.concatenate([self.gen, np.zeros(new - cap, dtype=np.uint32)])
+        self.refs = np.concatenate([self.refs, np.zeros(new - cap, dtype=np.uint32)])
         self.owner.extend([None] * (new - cap))
 
     def alloc(self, owner: str = "", content: np.ndarray | None = None) -> int:
@@ -61,6 +63,7 @@ class PageAllocator:
             self._grow(pfn)
         self.state[pfn] = ALLOCATED
         self.gen[pfn] += 1
+        self.refs[pfn] = 1
         self.owner[pfn] = owner
         if content is not None:
             self.contents[pfn] = content
@@ -84,6 +87,8 @@ class PageAllocator:
 
     def alloc_many(self, n: int, owner: str = "") -> np.ndarray:
         """Allocate n pages at once (free list first, most recent first)."""
+        if self.total is not None and self.allocated + n > self.total:
+            raise MemoryError("host out of memory")
         take = min(n, len(self._free))
         out = np.empty(n, dtype=np.int64)
         if take:
@@ -91,13 +96,12 @@ class PageAllocator:
             del self._free[-take:]
         fresh = n - take
         if fresh:
-            if self.total is not None and self.allocated + n > self.total:
-                raise MemoryError("host out of memory")
             out[take:] = np.arange(self._next, self._next + fresh, dtype=np.int64)
             self._next += fresh
             self._grow(self._next)
         self.state[out] = ALLOCATED
         self.gen[out] += 1
+        self.refs[out] = 1
         for p in out.tolist():
             self.owner[p] = owner
         self.allocated += n
@@ -107,10 +111,13 @@ class PageAllocator:
 
     def free_many(self, pfns: np.ndarray, who=None) -> None:
         pfns = np.asarray(pfns, dtype=np.int64)
-        bad = pfns[self.state[pfns] != ALLOCATED]
-        for p in bad.tolist():
-            self.host.report("double_free", who, pfn=p, owner=self.owner[p])
-        good = pfns[self.state[pfns] == ALLOCATED]
+        uniq, first, counts = np.unique(pfns, return_index=True, return_counts=True)
+        live = self.state[uniq] == ALLOCATED
+        # a free page, or a page named twice in the batch, is a double free
+        for p, n, ok in zip(uniq.tolist(), counts.tolist(), live.tolist()):
+            for _ in range(n - 1 if ok else n):
+                self.host.report("double_free", who, pfn=p, owner=self.owner[p])
+        good = uniq[live][np.argsort(first[live], kind="stable")]  # keep the caller's order
         self.state[good] = FREE
         for p in good.tolist():
             buf = self.contents.pop(p, None)
@@ -119,6 +126,31 @@ class PageAllocator:
         self._free.extend(good.tolist())
         self.allocated -= len(good)
         self.frees += len(good)
+
+    # ---- shared pages (mapped more than once) ------------------------------------------
+
+    def get(self, pfn: int) -> None:
+        """Take one more reference (another mapping of a shared page)."""
+        self.refs[pfn] += 1
+
+    def put_many(self, pfns: np.ndarray, who=None) -> None:
+        """Drop one reference per entry; pages whose last reference goes are freed."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if not len(pfns):
+            return
+        uniq, counts = np.unique(pfns, return_counts=True)
+        dead = self.state[uniq] != ALLOCATED
+        if dead.any():
+            self.free_many(uniq[dead], who)        # reports the double free
+        uniq, counts = uniq[~dead], counts[~dead]
+        refs = self.refs[uniq].astype(np.int64) - counts
+        if (refs < 0).any():
+            for p in uniq[refs < 0].tolist():
+                self.host.report("double_free", who, pfn=p, owner=self.owner[p])
+        self.refs[uniq] = np.maximum(refs, 0).astype(np.uint32)
+        gone = uniq[refs <= 0]
+        if len(gone):
+            self.free_many(gone, who)
 
     # ---- checks ------------------------------------------------------------------------
 

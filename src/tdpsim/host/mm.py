@@ -3,8 +3,10 @@
 Addresses (hva) are bytes; pages are 4 KiB.  Host-side events call the notifier hooks in
 the order the kernel does (mm/mmap.c, mm/madvise.c, mm/ksm.c, mm/rmap.c):
 
-* ``munmap``: invalidate_range_start, zap PTEs, invalidate_range_end, then free the
+* ``munmap``: invalidate_range_start, zap PTEs, invalidate_range_end, then drop the
   anonymous pages (tlb_finish_mmu frees after the range ends); memfd pages stay in the file.
+  Anonymous pages are reference counted per mapping, so a KSM page shared by several
+  mappings is freed when its last mapping goes.
 * ``madvise(MADV_DONTNEED)``: the same bracket; anonymous pages are freed, memfd pages stay.
 * ``ksm_merge`` (KSM-like): start, clear the PTE, ``change_pte`` with the new read-only PTE,
   install it, end; the old anonymous page is freed.
@@ -247,7 +249,7 @@ class Mm:
         yield max(1, npages * self.host.costs.host_pte_zap)
         yield from self._end(th, rng)
         if freed:
-            self.host.memory.free_many(np.array(freed, dtype=np.int64))
+            self.host.memory.put_many(np.array(freed, dtype=np.int64))
         self._split_out(v, i0, npages)
 
     def madvise_dontneed(self, th: "Thread", hva: int, npages: int) -> Generator:
@@ -258,7 +260,7 @@ class Mm:
         yield max(1, npages * self.host.costs.host_pte_zap)
         yield from self._end(th, rng)
         if freed:
-            self.host.memory.free_many(np.array(freed, dtype=np.int64))
+            self.host.memory.put_many(np.array(freed, dtype=np.int64))
 
     def ksm_merge(self, th: "Thread", hva: int, ksm_pfn: int | None = None) -> Generator:
         """Replace the anonymous page at hva with a read-only shared (KSM) page.
@@ -269,7 +271,9 @@ class Mm:
             raise ValueError("KSM merges anonymous private pages only")
         mem = self.host.memory
         if ksm_pfn is None:
-            ksm_pfn = mem.alloc("ksm")
+            ksm_pfn = mem.alloc("ksm")      # its first reference is this mapping's
+        else:
+            mem.get(ksm_pfn)                # one more mapping of the shared page
         ksm_gen = int(mem.gen[ksm_pfn])
         rng = NotifierRange(hva, hva + PAGE, "clear")
         yield from self._start(th, rng)
@@ -281,7 +285,7 @@ class Mm:
         v.pte_gen[i] = ksm_gen
         yield from self._end(th, rng)
         if old:
-            mem.free_many(np.array(old, dtype=np.int64))
+            mem.put_many(np.array(old, dtype=np.int64))
         return ksm_pfn
 
     def age(self, th: "Thread", hva: int, npages: int, flush: bool = True) -> Generator:
@@ -320,7 +324,7 @@ class Mm:
             freed += self._zap(v, 0, v.npages)
         self.vmas.clear()
         if freed:
-            self.host.memory.free_many(np.array(freed, dtype=np.int64))
+            self.host.memory.put_many(np.array(freed, dtype=np.int64))
         for fd in self.memfds:
             fd.close()
         self.exited = True

@@ -121,6 +121,10 @@ def _raise_stop(_value) -> None:
 class Engine:
     """The event loop.  ``granularity`` is 'exact' or 'fast' and is read by the layers above."""
 
+    __slots__ = ("strategy", "trace", "granularity", "fast", "now", "current",
+                 "record_decisions", "decisions", "events", "_times", "_buckets", "_ids",
+                 "tasks", "timer_owner")
+
     def __init__(self, strategy: Strategy | None = None, trace: Trace | None = None,
                  granularity: str = "exact", record_decisions: bool = True):
         if granularity not in ("exact", "fast"):

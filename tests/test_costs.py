@@ -1,0 +1,32 @@
+"""The cost model: every cost named, sourced and overridable; bad overrides refused."""
+
+import pytest
+
+from tdpsim.costs import COST_TABLE, CostModel, parse_cost_option
+
+
+def test_every_cost_has_a_positive_default_and_a_source():
+    assert len(COST_TABLE) >= 15
+    for c in COST_TABLE.values():
+        assert c.default_ns >= 1 and c.source and c.what
+
+
+def test_anchors_from_workloads_md():
+    m = CostModel()
+    assert m.spte_zap_4k == 52
+    assert 1_200 <= m.fault_4k <= 1_500
+    assert m.split_spte == 61 and m.split_table == 31_000
+    assert m.sched_tick == 1_000_000
+
+
+def test_override_and_refusals():
+    m = CostModel({"spte_zap_4k": 60})
+    assert m.spte_zap_4k == 60 and m.overrides == {"spte_zap_4k": 60}
+    with pytest.raises(ValueError, match="unknown cost"):
+        CostModel({"nope": 1})
+    with pytest.raises(ValueError, match=">= 1"):
+        CostModel({"spte_zap_4k": 0})
+    assert parse_cost_option("fault_4k=1400") == ("fault_4k", 1400)
+    for bad in ("fault_4k", "fault_4k=x", "fault_4k=0", "x=1"):
+        with pytest.raises(ValueError):
+            parse_cost_option(bad)
