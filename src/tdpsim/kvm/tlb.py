@@ -1,0 +1,133 @@
+"""A vCPU's TLB and paging-structure cache (PSC), and the hardware EPT walker.
+
+* TLB: gfn -> (pfn, host page generation, writable, dirty, fill time).  A write through an
+  entry whose dirty bit is clear walks again to set D, as the CPU does.
+* PSC: (level, gfn >> shift) -> PFN of the next-lower table, so a walk can start below the
+  root.  Stale PSC entries are why a removed page table must not be freed before a flush:
+  a walk through one reads whatever page now lives at that PFN.
+* Capacity: LRU with ``capacity`` TLB entries and ``psc_capacity`` entries per level;
+  ``None`` is unbounded (for checking: nothing is ever evicted, so every stale entry stays
+  usable until a flush).
+* The whole cache is dropped on a flush (KVM_REQ_TLB_FLUSH) and on root load (the local
+  flush of the current context; entries of other roots could not be used anyway).
+
+The walker reads SPTEs from memory, sets Accessed (and Dirty on a write) in the leaf SPTE
+(EPT A/D assist), and reports an EPT violation when the entry is not present or not
+writable for a write.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from ..mmu import spte as S
+
+if TYPE_CHECKING:
+    from ..mmu.page import PageTables, ShadowPage
+
+
+class TlbEntry:
+    __slots__ = ("pfn", "gen", "writable", "dirty", "fill_t", "level")
+
+    def __init__(self, pfn, gen, writable, dirty, fill_t, level):
+        self.pfn = pfn
+        self.gen = gen
+        self.writable = writable
+        self.dirty = dirty
+        self.fill_t = fill_t
+        self.level = level
+
+
+class Tlb:
+    def __init__(self, capacity: int | None = 1536, psc_capacity: int | None = 32):
+        self.capacity = capacity
+        self.psc_capacity = psc_capacity
+        self.entries: OrderedDict[int, TlbEntry] = OrderedDict()
+        self.psc: dict[int, OrderedDict[int, int]] = {}
+        self.flushes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def flush(self) -> None:
+        self.entries.clear()
+        self.psc.clear()
+        self.flushes += 1
+
+    def lookup(self, gfn: int) -> TlbEntry | None:
+        e = self.entries.get(gfn)
+        if e is not None:
+            self.entries.move_to_end(gfn)
+        return e
+
+    def fill(self, gfn: int, e: TlbEntry) -> None:
+        ents = self.entries
+        ents[gfn] = e
+        ents.move_to_end(gfn)
+        if self.capacity is not None and len(ents) > self.capacity:
+            ents.popitem(last=False)
+
+    def psc_lookup(self, level: int, gfn: int) -> int | None:
+        d = self.psc.get(level)
+        if d is None:
+            return None
+        return d.get(gfn >> ((level - 1) * S.LEVEL_BITS))
+
+    def psc_fill(self, level: int, gfn: int, pfn: int) -> None:
+        d = self.psc.setdefault(level, OrderedDict())
+        key = gfn >> ((level - 1) * S.LEVEL_BITS)
+        d[key] = pfn
+        d.move_to_end(key)
+        if self.psc_capacity is not None and len(d) > self.psc_capacity:
+            d.popitem(last=False)
+
+
+class WalkResult:
+    """Outcome of a hardware walk: ``ok`` with the translation, or an EPT violation."""
+    __slots__ = ("ok", "pfn", "gen", "level", "writable", "freed_table")
+
+    def __init__(self, ok, pfn=0, gen=0, level=1, writable=False, freed_table=None):
+        self.ok = ok
+        self.pfn = pfn
+        self.gen = gen
+        self.level = level
+        self.writable = writable
+        self.freed_table = freed_table   # (pfn, where) if the walk read a freed table
+
+
+def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool) -> WalkResult:
+    """The CPU's EPT walk for ``gfn`` starting at the deepest cached PSC entry.
+
+    On success sets A (and D for a write) in the leaf SPTE and fills the caches."""
+    level = root.level
+    sp = root
+    # deepest PSC hit first (level 2 entries point at 4K tables)
+    for lvl in range(2, root.level + 1):
+        pfn = tlb.psc_lookup(lvl, gfn)
+        if pfn is not None:
+            child = pt.lookup(pfn)
+            if child is None or child.freed:
+                return WalkResult(False, freed_table=(pfn, f"PSC L{lvl}"))
+            sp, level = child, lvl - 1
+            break
+    while True:
+        i = S.spte_index(gfn, level)
+        spte = int(sp.spt[i])
+        if not S.is_shadow_present_pte(spte):
+            return WalkResult(False)
+        if S.is_last_spte(spte, level):
+            if write and not spte & S.EPT_W:
+                return WalkResult(False)
+            new = spte | S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if write else 0)
+            if new != spte:
+                sp.spt[i] = new   # A/D assist
+            base = S.spte_to_pfn(spte)
+            off = gfn & (S.pages_per_hpage(level) - 1)
+            gen = int(sp.gens[i])
+            return WalkResult(True, base + off, gen, level, bool(spte & S.EPT_W))
+        child_pfn = S.spte_to_pfn(spte)
+        child = pt.lookup(child_pfn)
+        if child is None:
+            return WalkResult(False, freed_table=(child_pfn, f"L{level} entry"))
+        tlb.psc_fill(level, gfn, child_pfn)
+        sp, level = child, level - 1

@@ -1,0 +1,259 @@
+"""vCPUs: the run loop (vcpu_enter_guest), requests, guest mode, faults, MMU context reset.
+
+A vCPU runs in its own host thread.  ``run(th, guest)`` is KVM_RUN: it loops
+
+1. process requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS / KVM_REQ_MMU_RELOAD, then
+   KVM_REQ_TLB_FLUSH), reload the MMU root if it has none (``kvm_mmu_reload``: root load plus
+   a local flush), reschedule if need_resched;
+2. enter guest mode and perform the guest's next access: TLB hit, or a hardware walk that
+   sets A/D and fills the caches;
+3. on an EPT violation, exit and handle the fault in two steps, as the kernel does:
+   phase 1 snapshots ``mmu_notifier_seq`` and resolves gfn -> hva -> pfn (may sleep);
+   phase 2 takes ``mmu_lock`` for read, drops the fault if it is stale (obsolete root or
+   ``mmu_notifier_retry_hva``), otherwise maps it (``kvm_tdp_mmu_map``), unlocks and
+   re-enters the guest, whose retried access then completes.
+
+An IPI kick (``make_all_cpus_request`` on a vCPU in guest mode) marks it EXITING; it leaves
+guest mode at its next step boundary and tells the waiting requester.
+
+As a Resource, a vCPU stands for its requests and mode: fast-mode bulks of its run loop
+declare it, and ``make_all_cpus_request`` settles it before reading the mode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generator
+
+from ..host.mm import PAGE
+from ..sim.engine import Resource
+from .tlb import Tlb, TlbEntry, hw_walk
+from .vm import (EXITING_GUEST_MODE, IN_GUEST_MODE, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+                 KVM_REQ_MMU_RELOAD, KVM_REQ_TLB_FLUSH, OUTSIDE_GUEST_MODE, Kvm)
+
+if TYPE_CHECKING:
+    from ..host.sched import Thread
+
+
+class Fault:
+    """``struct kvm_page_fault`` (the parts the TDP MMU uses)."""
+    __slots__ = ("gfn", "write", "slot", "hva", "pfn", "gen", "mmu_seq", "max_level",
+                 "goal_level", "map_writable", "huge_page_disallowed", "req_level")
+
+    def __init__(self, gfn: int, write: bool):
+        self.gfn = gfn
+        self.write = write
+        self.slot = None
+        self.hva = 0
+        self.pfn = -1
+        self.gen = 0
+        self.mmu_seq = 0
+        self.max_level = 3
+        self.goal_level = 1
+        self.req_level = 1
+        self.map_writable = True
+        self.huge_page_disallowed = False
+
+
+class Guest:
+    """Guest code: a list of accesses ``(gfn, write)`` run in order, then UCALL_DONE."""
+
+    def __init__(self, accesses):
+        self.accesses = list(accesses)
+        self.pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.accesses)
+
+    def current(self) -> tuple[int, bool]:
+        return self.accesses[self.pos]
+
+    def advance(self) -> None:
+        self.pos += 1
+
+
+class TouchGuest(Guest):
+    """The selftest's guest: write the first bytes of every page of [start_gfn, +npages)."""
+
+    def __init__(self, start_gfn: int, npages: int, stride: int = 1, write: bool = True):
+        self.start = start_gfn
+        self.n = (npages + stride - 1) // stride
+        self.stride = stride
+        self.write = write
+        self.pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= self.n
+
+    def current(self) -> tuple[int, bool]:
+        return self.start + self.pos * self.stride, self.write
+
+
+class Vcpu(Resource):
+    __slots__ = ("kvm", "id", "name", "thread", "mode", "requests", "root", "tlb",
+                 "exit_waiters", "stat", "fault", "cr0_wp")
+
+    def __init__(self, kvm: Kvm, vid: int, tlb_capacity: int | None = 1536,
+                 psc_capacity: int | None = 32):
+        super().__init__()
+        self.kvm = kvm
+        self.id = vid
+        self.name = f"vcpu{vid}"
+        self.thread: Thread | None = None
+        self.mode = OUTSIDE_GUEST_MODE
+        self.requests: set[str] = set()
+        self.root = None          # the loaded root (ShadowPage) or None
+        self.tlb = Tlb(tlb_capacity, psc_capacity)
+        self.exit_waiters: list = []
+        self.stat = {"exits": 0, "pf_taken": 0, "pf_fixed": 0, "pf_spurious": 0,
+                     "pf_retry": 0, "tlb_flush": 0, "root_loads": 0}
+        self.fault: Fault | None = None
+        #: CR0.WP is part of the root's role in 5.17/5.18: toggling it needs a new root
+        self.cr0_wp = True
+        kvm.vcpus.append(self)
+
+    # ---- guest mode ---------------------------------------------------------------------
+
+    def _enter_guest(self) -> None:
+        self.mode = IN_GUEST_MODE
+
+    def _exit_guest(self) -> None:
+        if self.mode != OUTSIDE_GUEST_MODE:
+            self.stat["exits"] += 1
+        self.mode = OUTSIDE_GUEST_MODE
+        if self.exit_waiters:
+            eng = self.kvm.engine
+            for w in self.exit_waiters:
+                w.vcpu_exited(eng)
+            self.exit_waiters.clear()
+
+    # ---- vcpu_enter_guest preamble ------------------------------------------------------------
+
+    def prepare(self, th: "Thread") -> Generator:
+        """Requests, MMU reload and need_resched before (re-)entering the guest."""
+        kvm = self.kvm
+        host = kvm.host
+        if self.requests:
+            if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in self.requests:
+                self.requests.discard(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+                yield from kvm.arch.free_obsolete_roots(self, th)
+            if KVM_REQ_MMU_RELOAD in self.requests:
+                self.requests.discard(KVM_REQ_MMU_RELOAD)
+                yield from kvm.arch.mmu_unload(self, th)
+            if KVM_REQ_TLB_FLUSH in self.requests:
+                self.requests.discard(KVM_REQ_TLB_FLUSH)
+                self.tlb.flush()
+                self.stat["tlb_flush"] += 1
+        if self.root is None:
+            yield from kvm.arch.mmu_load(self, th)
+        if host.sched.need_resched(th):
+            yield from host.sched.cond_resched(th)
+
+    # ---- KVM_RUN ---------------------------------------------------------------------------
+
+    def run(self, th: "Thread", guest: Guest) -> Generator:
+        """KVM_RUN until the guest signals done (exact mode, one step per access or phase)."""
+        kvm = self.kvm
+        costs = kvm.costs
+        fast = kvm.engine.fast and kvm.arch is not None
+        while not guest.done:
+            yield from self.prepare(th)
+            if self.requests:
+                continue                      # a request arrived while preparing
+            if fast and self.fault is None:
+                n = yield from kvm.arch.run_bulk(self, th, guest)
+                if n:
+                    continue
+            if self.fault is not None:         # phase 2 of a fault whose phase 1 is done
+                yield from self._fault_phase2(th, guest)
+                continue
+            self._enter_guest()
+            gfn, write = guest.current()
+            if self._access(gfn, write):
+                guest.advance()
+                yield costs.guest_access
+                if self.mode == EXITING_GUEST_MODE:
+                    self._exit_guest()
+                continue
+            # EPT violation: exit, phase 1 of the fault
+            self._exit_guest()
+            self.stat["pf_taken"] += 1
+            self._fault_phase1(gfn, write)
+            yield costs.fault_4k // 4
+        self._exit_guest()
+
+    def _access(self, gfn: int, write: bool) -> bool:
+        """One guest access in guest mode: TLB, else a hardware walk.  False: EPT violation."""
+        kvm = self.kvm
+        tlb = self.tlb
+        e = tlb.lookup(gfn)
+        if e is not None and (not write or e.dirty):
+            tlb.hits += 1
+            if kvm.observers:
+                kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=e.pfn, gen=e.gen,
+                            fill_t=e.fill_t, tlb=True, write=write, t=kvm.engine.now)
+            return True
+        tlb.misses += 1
+        if self.root is None:
+            return False
+        r = hw_walk(kvm.arch.pt, self.root, tlb, gfn, write)
+        if r.freed_table is not None:
+            kvm.host.report("use_after_free", self.thread, pfn=r.freed_table[0],
+                            what=f"hardware walk through {r.freed_table[1]}", reused=False,
+                            now_owner=None)
+            if kvm.observers:
+                kvm.observe("walk_freed_table", vcpu=self, gfn=gfn, pfn=r.freed_table[0],
+                            t=kvm.engine.now)
+            return False
+        if not r.ok:
+            return False
+        now = kvm.engine.now
+        tlb.fill(gfn, TlbEntry(r.pfn, r.gen, r.writable, write, now, r.level))
+        if kvm.observers:
+            kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=r.pfn, gen=r.gen, fill_t=now,
+                        tlb=False, write=write, t=now)
+        return True
+
+    def _fault_phase1(self, gfn: int, write: bool) -> None:
+        """kvm_tdp_page_fault up to kvm_faultin_pfn: seq snapshot, memslot, pfn."""
+        kvm = self.kvm
+        f = Fault(gfn, write)
+        f.mmu_seq = kvm.mmu_notifier_seq
+        slot = kvm.memslots[0].find(gfn)
+        if slot is None:
+            raise RuntimeError(f"{self.name}: guest access to gfn {gfn:#x} outside memslots")
+        f.slot = slot
+        f.hva = slot.gfn_to_hva(gfn)
+        f.map_writable = not slot.readonly
+        if write and slot.readonly:
+            raise RuntimeError(f"{self.name}: write to read-only memslot (MMIO exit)")
+        f.pfn, f.gen = kvm.mm.fault(f.hva, write)
+        f.max_level = slot.max_mapping_level(gfn)
+        self.fault = f
+
+    def _fault_phase2(self, th: "Thread", guest: Guest) -> Generator:
+        """direct_page_fault from taking mmu_lock: stale check, map, unlock, re-enter."""
+        kvm = self.kvm
+        f = self.fault
+        self.fault = None
+        yield from kvm.mmu_lock.read_lock(th)
+        kvm.host.rcu.read_lock(th)
+        extra = 0
+        if self.root is None or kvm.arch.is_obsolete_root(self.root) or \
+                kvm.mmu_notifier_retry_hva(f.mmu_seq, f.hva):
+            ret = "retry"
+        else:
+            ret, extra = yield from kvm.arch.tdp_map(self, th, f)
+        kvm.host.rcu.read_unlock(th)
+        kvm.mmu_lock.read_unlock(th)
+        self.stat["pf_" + ret] += 1
+        yield kvm.costs.fault_4k - kvm.costs.fault_4k // 4 + extra
+
+    # ---- ioctls run by the vCPU thread --------------------------------------------------------
+
+    def set_sregs_toggle_cr0_wp(self, th: "Thread") -> Generator:
+        """KVM_SET_SREGS changing CR0.WP: kvm_mmu_reset_context -> kvm_mmu_unload.  The
+        next entry loads a root for the new role (CR0.WP is in the role)."""
+        self.cr0_wp = not self.cr0_wp
+        yield from self.kvm.arch.reset_context(self, th)

@@ -1,0 +1,1 @@
+"""The x86 MMU: SPTE format, page tables, the TDP MMU and its policies."""

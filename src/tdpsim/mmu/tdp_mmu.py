@@ -1,0 +1,566 @@
+"""The TDP MMU core (arch/x86/kvm/mmu/tdp_mmu.c): roots, SPTE updates, zapping, yielding.
+
+Function names are the kernel's; each docstring says what it models and any deliberate
+difference.  Where 5.17 and 5.18 differ the code consults ``self.policy`` (see policy.py).
+All functions that may block or take simulated time are generators (``yield from``).
+
+Model-wide simplifications:
+* ``tdp_mmu_pages_lock`` is taken instantaneously (no contention modelled).
+* ``handle_removed_pt`` processes a table in one step (vectorised over its 512 entries) and
+  then charges its cost; other tasks cannot observe a half-processed table.
+* A table's entries carry, beside the SPTE, the generation of the host page a leaf maps
+  (``sp.gens``), so an A/D write-back to a page freed since is caught.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Generator
+
+import numpy as np
+
+from ..host.workqueue import WorkItem
+from . import spte as S
+from .page import ROLE_INVALID, PageTables, ShadowPage, make_role
+from .policy import Policy
+from .tdp_iter import TdpIter
+
+if TYPE_CHECKING:
+    from ..host.sched import Thread
+    from ..kvm.vm import Kvm
+
+U64 = np.uint64
+
+
+class TdpMmu:
+    """The TDP MMU state of one VM (the ``kvm->arch`` TDP fields)."""
+
+    def __init__(self, kvm: "Kvm", policy: Policy):
+        self.kvm = kvm
+        self.host = kvm.host
+        self.engine = kvm.engine
+        self.costs = kvm.costs
+        self.policy = policy
+        self.pt = PageTables(kvm.host, kvm.name)
+        #: kvm->arch.tdp_mmu_roots, newest first (valid and invalid)
+        self.roots: list[ShadowPage] = []
+        #: kvm->arch.tdp_mmu_pages (non-root SPs), by id
+        self.pages: dict[int, ShadowPage] = {}
+        #: kvm->arch.lpage_disallowed_mmu_pages (NX recovery list), oldest first
+        self.lpage_disallowed: OrderedDict[int, ShadowPage] = OrderedDict()
+        #: tdp_mmu_zap_wq: "kvm", UNBOUND | MEM_RECLAIM | CPU_INTENSIVE
+        self.zap_wq = kvm.host.workqueue(f"{kvm.name}:kvm")
+        # tdp_mmu_max_gfn_host: the host's physical address width bounds every walk
+        self.max_gfn_host = 1 << (kvm.maxphyaddr - S.PAGE_SHIFT)
+        # kvm_mmu_get_tdp_level: 5-level only if MAXPHYADDR needs it
+        self.root_level = 5 if kvm.maxphyaddr > 48 else 4
+        self.roots_freed = 0
+        self.root_zaps: list[dict] = []     # who zapped which root, when, how long
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def warn(self, name: str, th: "Thread | None", **details) -> None:
+        """A kernel WARN_ON(_ONCE) fired: reported as a finding by the check layer."""
+        self.host.report("warn", th, warn=name, **details)
+
+    def touch(self, sp: ShadowPage) -> None:
+        """Settle fast-mode bulks writing into ``sp`` before reading or writing it."""
+        if sp.bulks:
+            self.engine.settle(sp)
+
+    # ---- roots ----------------------------------------------------------------------------
+
+    def kvm_tdp_mmu_get_root(self, root: ShadowPage) -> bool:
+        """kvm_tdp_mmu_get_root: refcount_inc_not_zero."""
+        if root.tdp_mmu_root_count == 0:
+            return False
+        root.tdp_mmu_root_count += 1
+        return True
+
+    def kvm_tdp_mmu_get_vcpu_root_hpa(self, vcpu, th: "Thread") -> ShadowPage:
+        """kvm_tdp_mmu_get_vcpu_root_hpa (mmu_lock held for write): reuse a root whose role
+        matches (an invalid root never matches), else allocate one with refcount 1."""
+        role = make_role(self.root_level, 0, vcpu.cr0_wp)
+        for root in self.roots:
+            if root.role == role and self.kvm_tdp_mmu_get_root(root):
+                return root
+        root = self.pt.alloc(0, role, None)
+        root.tdp_mmu_root_count = 1
+        root.work = WorkItem(self.tdp_mmu_zap_root_work, f"zap_root#{root.id}", data=root)
+        self.roots.insert(0, root)
+        self.kvm.observe("root_alloc", root=root, t=self.engine.now)
+        return root
+
+    def kvm_tdp_mmu_put_root(self, th: "Thread", root: ShadowPage, shared: bool) -> Generator:
+        """kvm_tdp_mmu_put_root.
+
+        5.18: on the last reference, ``xchg`` the invalid bit into the role: a valid
+        ("defunct") root gets its count back to 1 and a zap work item (the caller is not
+        blocked); an already invalid root is unlinked and freed after a grace period."""
+        if root.tdp_mmu_root_count <= 0:
+            self.host.report("refcount_underflow", th, root=root.id,
+                             count=root.tdp_mmu_root_count)
+            return
+        root.tdp_mmu_root_count -= 1
+        if root.tdp_mmu_root_count:
+            return
+        was_invalid = bool(root.role & ROLE_INVALID)   # xchg on role.word
+        root.role |= ROLE_INVALID
+        if not was_invalid:
+            self.kvm.observe("root_invalidated", root=root, t=self.engine.now, task=th.name)
+            root.tdp_mmu_root_count = 1
+            self.tdp_mmu_schedule_zap_root(root)
+            return
+        self._free_root(th, root)
+        return
+        yield
+
+    def _free_root(self, th: "Thread", root: ShadowPage) -> None:
+        """list_del_rcu + call_rcu(tdp_mmu_free_sp_rcu_callback)."""
+        if root in self.roots:
+            self.roots.remove(root)
+        else:
+            self.host.report("double_free", th, pfn=root.pfn, owner=f"root#{root.id}")
+            return
+        root.unlinked = True
+        self.kvm.observe("root_unlinked", root=root, t=self.engine.now)
+        self.host.rcu.call_rcu(lambda: self._free_sp_rcu(root))
+
+    def _free_sp_rcu(self, sp: ShadowPage) -> None:
+        """tdp_mmu_free_sp_rcu_callback."""
+        if sp.is_root:
+            self.roots_freed += 1
+        self.kvm.observe("sp_freed", sp=sp, t=self.engine.now)
+        self.pt.free(sp)
+
+    def tdp_mmu_schedule_zap_root(self, root: ShadowPage) -> None:
+        """tdp_mmu_schedule_zap_root: the work item owns the one reference it was given."""
+        if not self.zap_wq.queue_work(root.work):
+            self.warn("queue_work_pending", None, root=root.id)
+
+    def tdp_mmu_zap_root_work(self, th: "Thread", item: WorkItem) -> Generator:
+        """tdp_mmu_zap_root_work: read-lock, zap the root (yielding), put the reference."""
+        root: ShadowPage = item.data
+        kvm = self.kvm
+        yield from kvm.mmu_lock.read_lock(th)
+        yield from self.tdp_mmu_zap_root(th, root, shared=True)
+        yield from self.kvm_tdp_mmu_put_root(th, root, shared=True)
+        kvm.mmu_lock.read_unlock(th)
+
+    def kvm_tdp_mmu_invalidate_all_roots(self, th: "Thread") -> None:
+        """kvm_tdp_mmu_invalidate_all_roots (mmu_lock held for write), 5.18: every root not
+        yet invalid gets a reference, the invalid bit and a queued zap work item."""
+        for root in list(self.roots):
+            if root.invalid and self.policy.skip_invalid_on_invalidate:
+                continue
+            if not self.kvm_tdp_mmu_get_root(root):
+                self.warn("invalidate_root_refcount_zero", th, root=root.id)
+                continue
+            root.role |= ROLE_INVALID
+            self.kvm.observe("root_invalidated", root=root, t=self.engine.now, task=th.name)
+            self.tdp_mmu_schedule_zap_root(root)
+
+    def kvm_tdp_mmu_zap_invalidated_roots(self, th: "Thread") -> Generator:
+        """kvm_tdp_mmu_zap_invalidated_roots, 5.18: flush the zap workqueue."""
+        yield from self.zap_wq.flush(th)
+
+    def tdp_mmu_next_root(self, th: "Thread", prev: ShadowPage | None, as_id: int,
+                          shared: bool, only_valid: bool) -> Generator:
+        """tdp_mmu_next_root: the next root (with a reference) after ``prev``; puts ``prev``.
+
+        5.18: a caller holding mmu_lock for read must only walk valid roots."""
+        if shared and not only_valid and self.policy.readers_skip_invalid_roots:
+            self.warn("reader_walks_invalid_roots", th)
+        roots = self.roots
+        start = roots.index(prev) + 1 if prev is not None and prev in roots else 0
+        nxt = None
+        for root in roots[start:]:
+            if root.as_id != as_id or (only_valid and root.invalid):
+                continue
+            if self.kvm_tdp_mmu_get_root(root):
+                nxt = root
+                break
+        if nxt is not None and shared and nxt.invalid and self.policy.readers_skip_invalid_roots:
+            self.kvm.observe("reader_ref_invalid_root", root=nxt, task=th.name,
+                             t=self.engine.now)
+        if prev is not None:
+            yield from self.kvm_tdp_mmu_put_root(th, prev, shared)
+        return nxt
+
+    def walk_roots(self, th: "Thread", as_id: int, shared: bool, only_valid: bool, body):
+        """for_each_(valid_)tdp_mmu_root_yield_safe: ``body(root)`` is a generator run with
+        a reference held on ``root``; returns nothing."""
+        root = yield from self.tdp_mmu_next_root(th, None, as_id, shared, only_valid)
+        while root is not None:
+            yield from body(root)
+            root = yield from self.tdp_mmu_next_root(th, root, as_id, shared, only_valid)
+
+    def for_each_tdp_mmu_root(self, th: "Thread", as_id: int) -> list[ShadowPage]:
+        """for_each_tdp_mmu_root: 5.18 asserts mmu_lock is held for write; no references."""
+        if self.kvm.mmu_lock.held_by(th) != "write":
+            self.warn("for_each_tdp_mmu_root_without_write_lock", th)
+        return [r for r in self.roots if r.as_id == as_id]
+
+    # ---- SPTE updates ------------------------------------------------------------------------
+
+    def tdp_mmu_set_spte_atomic(self, th: "Thread", it: TdpIter, new: int,
+                                gen: int = 0) -> Generator:
+        """tdp_mmu_set_spte_atomic: cmpxchg under mmu_lock read.  On a lost race refreshes
+        ``it.old_spte`` and returns False; on success runs the change bookkeeping."""
+        sp, i = it.sp, it.index
+        self.touch(sp)
+        if self.policy.removed_spte_checks and (it.yielded or S.is_removed_spte(it.old_spte)):
+            self.warn("set_spte_atomic_on_removed_or_yielded", th, gfn=it.gfn, level=it.level)
+            return False
+        cur = int(sp.spt[i])
+        if cur != it.old_spte:
+            it.old_spte = cur
+            return False
+        old, old_gen = cur, int(sp.gens[i])
+        sp.spt[i] = new
+        sp.gens[i] = gen
+        yield from self.__handle_changed_spte(th, it.as_id, it.gfn, old, new, it.level, True,
+                                              old_gen)
+        self.handle_changed_spte_acc_track(th, old, new, it.level, old_gen)
+        return True
+
+    def tdp_mmu_zap_spte_atomic(self, th: "Thread", it: TdpIter) -> Generator:
+        """tdp_mmu_zap_spte_atomic: freeze with REMOVED, flush the range, then write 0, so
+        no new translation can be installed before the old one is flushed."""
+        ok = yield from self.tdp_mmu_set_spte_atomic(th, it, S.REMOVED_SPTE)
+        if not ok:
+            return False
+        yield from self.kvm.flush_remote_tlbs_with_address(th, it.gfn,
+                                                           S.pages_per_hpage(it.level))
+        it.sp.spt[it.index] = 0        # only the freezer writes the final value
+        return True
+
+    def __tdp_mmu_set_spte(self, th: "Thread", as_id: int, sp: ShadowPage, index: int,
+                           old: int, new: int, gfn: int, level: int, record_acc_track=True,
+                           record_dirty_log=True, gen: int = 0) -> Generator:
+        """__tdp_mmu_set_spte (mmu_lock held for write; raw values so NX recovery can zap
+        through ``sp->ptep``).  5.18 WARNs if the old or the new value is REMOVED."""
+        self.touch(sp)
+        if S.is_removed_spte(old) or (self.policy.removed_spte_checks and
+                                      S.is_removed_spte(new)):
+            self.warn("set_spte_removed_in_nonatomic_path", th, gfn=gfn, level=level)
+        old_gen = int(sp.gens[index])
+        sp.spt[index] = new
+        sp.gens[index] = gen
+        yield from self.__handle_changed_spte(th, as_id, gfn, old, new, level, False, old_gen)
+        if record_acc_track:
+            self.handle_changed_spte_acc_track(th, old, new, level, old_gen)
+        if record_dirty_log:
+            self.handle_changed_spte_dirty_log(as_id, gfn, old, new, level)
+
+    def tdp_mmu_set_spte(self, th: "Thread", it: TdpIter, new: int, gen: int = 0,
+                         record_acc_track=True, record_dirty_log=True) -> Generator:
+        """tdp_mmu_set_spte (+ _no_acc_track / _no_dirty_log variants by flag)."""
+        if self.policy.removed_spte_checks and it.yielded:
+            self.warn("set_spte_after_yield", th, gfn=it.gfn)
+        yield from self.__tdp_mmu_set_spte(th, it.as_id, it.sp, it.index, it.old_spte, new,
+                                           it.gfn, it.level, record_acc_track,
+                                           record_dirty_log, gen)
+
+    # ---- change bookkeeping ------------------------------------------------------------
+
+    def _update_page_stats(self, level: int, delta: int) -> None:
+        key = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}.get(level)
+        if key:
+            self.kvm.stat[key] += delta
+
+    def __handle_changed_spte(self, th: "Thread", as_id: int, gfn: int, old: int, new: int,
+                              level: int, shared: bool, old_gen: int) -> Generator:
+        """__handle_changed_spte: stats, dirty write-back, and removal of a child table."""
+        was_present = S.is_shadow_present_pte(old)
+        is_present = S.is_shadow_present_pte(new)
+        was_leaf = was_present and S.is_last_spte(old, level)
+        is_leaf = is_present and S.is_last_spte(new, level)
+        pfn_changed = S.spte_to_pfn(old) != S.spte_to_pfn(new)
+        if gfn % S.pages_per_hpage(level) or not 1 <= level <= 5:
+            self.warn("bad_level_or_gfn", th, gfn=gfn, level=level)
+        if was_leaf and is_leaf and pfn_changed:
+            self.warn("present_leaf_pfn_changed", th, gfn=gfn, level=level)   # BUG() in KVM
+        if old == new:
+            return
+        if not was_present and not is_present:
+            if not S.is_removed_spte(new) and not S.is_removed_spte(old):
+                self.warn("nonpresent_to_nonpresent", th, gfn=gfn, old=old, new=new)
+            return
+        if is_leaf != was_leaf:
+            self._update_page_stats(level, 1 if is_leaf else -1)
+        if was_leaf and S.is_dirty_spte(old) and (not is_leaf or not S.is_dirty_spte(new)
+                                                   or pfn_changed):
+            self.host.memory.write_back(S.spte_to_pfn(old), old_gen, th, "dirty")
+        if was_present and not was_leaf and (not is_present or is_leaf or pfn_changed):
+            if is_present and not is_leaf:
+                self.warn("nonleaf_pfn_changed", th, gfn=gfn, level=level)
+            child = self.pt.lookup(S.spte_to_pfn(old))
+            if child is None:
+                self.host.report("use_after_free", th, pfn=S.spte_to_pfn(old),
+                                 what="handle_removed_pt of a freed table", reused=False,
+                                 now_owner=None)
+                return
+            yield from self.handle_removed_pt(th, child, shared)
+
+    def handle_changed_spte_acc_track(self, th, old: int, new: int, level: int,
+                                      old_gen: int) -> None:
+        """handle_changed_spte_acc_track: kvm_set_pfn_accessed when an accessed leaf goes."""
+        if not S.is_shadow_present_pte(old) or not S.is_last_spte(old, level):
+            return
+        if not S.is_accessed_spte(old):
+            return
+        if (not S.is_shadow_present_pte(new) or not S.is_accessed_spte(new)
+                or S.spte_to_pfn(old) != S.spte_to_pfn(new)):
+            self.host.memory.write_back(S.spte_to_pfn(old), old_gen, th, "accessed")
+
+    def handle_changed_spte_dirty_log(self, as_id: int, gfn: int, old: int, new: int,
+                                      level: int) -> None:
+        """handle_changed_spte_dirty_log: a 4K leaf becoming writable marks the gfn dirty."""
+        if level > 1 or not S.is_shadow_present_pte(new) or not S.is_writable_pte(new):
+            return
+        if S.is_writable_pte(old) and S.spte_to_pfn(old) == S.spte_to_pfn(new):
+            return
+        slot = self.kvm.memslots[as_id].find(gfn)
+        if slot is not None and slot.dirty_bitmap is not None:
+            slot.dirty_bitmap[gfn - slot.base_gfn] = True
+
+    def handle_removed_pt(self, th: "Thread", sp: ShadowPage, shared: bool) -> Generator:
+        """handle_removed_pt (handle_removed_tdp_mmu_page in 5.17).
+
+        Unlink ``sp``, freeze every entry with REMOVED (xchg in shared mode, waiting out a
+        concurrent freezer), process each old value (write-backs, recursion into children),
+        5.17: flush the range; 5.18: leave the flush to the caller; then call_rcu(free)."""
+        kvm = self.kvm
+        self.touch(sp)
+        self.pages.pop(sp.id, None)
+        if sp.lpage_disallowed:
+            self.unaccount_huge_nx_page(sp)
+        sp.unlinked = True
+        if kvm.observers:
+            kvm.observe("sp_unlinked", sp=sp, t=self.engine.now, task=th.name)
+        spt = sp.spt
+        if shared:
+            # xchg(entry, REMOVED) until the old value is not REMOVED: another thread that
+            # froze an entry owns it until it writes the final value
+            while True:
+                frozen = spt == U64(S.REMOVED_SPTE)
+                if not frozen.any():
+                    break
+                yield 1
+        old = spt.copy()
+        gens = sp.gens.copy()
+        present = S.present_mask(old)
+        spt[:] = U64(S.REMOVED_SPTE)
+        level = sp.level
+        cost = int((~present).sum()) * self.costs.spte_visit
+        leaves = S.leaf_mask(old, level)
+        nleaves = int(leaves.sum())
+        if nleaves:
+            self._update_page_stats(level, -nleaves)
+            self._write_back_many(th, old[leaves], gens[leaves])
+            cost += nleaves * self.costs.spte_zap_4k
+        for i in np.flatnonzero(present & ~leaves).tolist():
+            child = self.pt.lookup(S.spte_to_pfn(int(old[i])))
+            if child is None:
+                self.host.report("use_after_free", th, pfn=S.spte_to_pfn(int(old[i])),
+                                 what="handle_removed_pt of a freed table", reused=False,
+                                 now_owner=None)
+                continue
+            yield from self.handle_removed_pt(th, child, shared)
+        if not self.policy.deferred_flush:
+            yield from kvm.flush_remote_tlbs_with_address(th, sp.gfn, sp.span())
+        self.host.rcu.call_rcu(lambda: self._free_sp_rcu(sp))
+        if cost:
+            yield cost
+
+    def _write_back_many(self, th, sptes: np.ndarray, gens: np.ndarray) -> None:
+        """kvm_set_pfn_dirty / kvm_set_pfn_accessed for many zapped leaves at once."""
+        mem = self.host.memory
+        wb = (sptes & U64(S.SHADOW_DIRTY | S.SHADOW_ACCESSED)) != 0
+        if not wb.any():
+            return
+        pfns = S.pfns_of(sptes[wb])
+        g = gens[wb]
+        live = (mem.state[pfns] == 1) & (mem.gen[pfns] == g)
+        if not live.all():
+            for p, gg in zip(pfns[~live].tolist(), g[~live].tolist()):
+                mem.write_back(p, gg, th, "dirty/accessed")
+
+    # ---- yielding ------------------------------------------------------------------------
+
+    def tdp_mmu_iter_cond_resched(self, th: "Thread", it: TdpIter, flush: bool,
+                                  shared: bool) -> Generator:
+        """tdp_mmu_iter_cond_resched: yield mmu_lock (and RCU) on need_resched or lock
+        contention, after forward progress.  5.18 flushes before dropping RCU."""
+        kvm = self.kvm
+        host = self.host
+        if it.yielded:
+            self.warn("cond_resched_already_yielded", th)
+        if it.next_last_level_gfn == it.yielded_gfn:
+            return False
+        if not (host.sched.need_resched(th) or kvm.mmu_lock.needbreak()):
+            return False
+        if self.policy.flush_before_rcu_unlock:
+            if flush:
+                yield from kvm.flush_remote_tlbs(th)
+            host.rcu.read_unlock(th)
+        else:
+            host.rcu.read_unlock(th)
+            if flush:
+                yield from kvm.flush_remote_tlbs(th)
+        yield from self.cond_resched_rwlock(th, shared)
+        host.rcu.read_lock(th)
+        if it.gfn > it.next_last_level_gfn:
+            self.warn("cond_resched_gfn_past_next", th)
+        it.yielded = True
+        kvm.observe("yield", task=th.name, gfn=it.next_last_level_gfn, t=self.engine.now)
+        return True
+
+    def cond_resched_rwlock(self, th: "Thread", shared: bool) -> Generator:
+        """cond_resched_rwlock_read/_write: unlock; schedule if need_resched (else one
+        cpu_relax); lock again, queueing behind any waiter."""
+        lock = self.kvm.mmu_lock
+        mode = "read" if shared else "write"
+        lock.unlock(th, mode)
+        if self.host.sched.need_resched(th):
+            yield from self.host.sched.cond_resched(th)
+        else:
+            yield 1
+        yield from lock.lock(th, mode)
+
+    # ---- zapping ---------------------------------------------------------------------------
+
+    def tdp_mmu_zap_root(self, th: "Thread", root: ShadowPage, shared: bool) -> Generator:
+        """tdp_mmu_zap_root (5.18): two passes, 1 GiB then the top level, under one RCU
+        section, yielding (with no flush: the root is unreachable by the guest)."""
+        if root.tdp_mmu_root_count == 0:
+            self.warn("zap_root_refcount_zero", th, root=root.id)
+        t0 = self.engine.now
+        rcu = self.host.rcu
+        rcu.read_lock(th)
+        doing, th.doing = th.doing, "tdp_mmu_zap_root"
+        if self.policy.two_pass_root_zap:
+            yield from self.__tdp_mmu_zap_root(th, root, shared, S.PG_LEVEL_1G)
+        yield from self.__tdp_mmu_zap_root(th, root, shared, root.level)
+        th.doing = doing
+        rcu.read_unlock(th)
+        root.zapped_by = th.name
+        self.root_zaps.append({"root": root.id, "task": th.name, "start": t0,
+                               "ns": self.engine.now - t0, "shared": shared})
+
+    def __tdp_mmu_zap_root(self, th: "Thread", root: ShadowPage, shared: bool,
+                           zap_level: int) -> Generator:
+        """__tdp_mmu_zap_root: zap every present entry at ``zap_level`` (tables recurse)."""
+        it = TdpIter(self.pt, root, zap_level, 0)
+        end = self.max_gfn_host
+        visit = self.costs.spte_visit
+        while it.valid and it.gfn < end:
+            if (yield from self.tdp_mmu_iter_cond_resched(th, it, False, shared)):
+                it.next()
+                continue
+            if not S.is_shadow_present_pte(it.old_spte):
+                yield visit
+                it.next()
+                continue
+            if it.level > zap_level:
+                it.next()
+                continue
+            if not shared:
+                yield from self.tdp_mmu_set_spte(th, it, 0)
+            else:
+                while not (yield from self.tdp_mmu_set_spte_atomic(th, it, 0)):
+                    if not S.is_shadow_present_pte(it.old_spte):
+                        break
+            yield visit
+            it.next()
+
+    def tdp_mmu_zap_leafs(self, th: "Thread", root: ShadowPage, start: int, end: int,
+                          can_yield: bool, flush: bool) -> Generator:
+        """tdp_mmu_zap_leafs (mmu_lock held for write): zap leaf SPTEs in [start, end),
+        yielding (flushing first) if allowed.  Returns the pending flush."""
+        end = min(end, self.max_gfn_host)
+        rcu = self.host.rcu
+        rcu.read_lock(th)
+        it = TdpIter(self.pt, root, S.PG_LEVEL_4K, start)
+        zap = self.costs.spte_zap_4k
+        visit = self.costs.spte_visit
+        while it.valid and it.gfn < end:
+            if can_yield and (yield from self.tdp_mmu_iter_cond_resched(th, it, flush, False)):
+                flush = False
+                it.next()
+                continue
+            if not S.is_shadow_present_pte(it.old_spte) or \
+                    not S.is_last_spte(it.old_spte, it.level):
+                yield visit
+                it.next()
+                continue
+            yield from self.tdp_mmu_set_spte(th, it, 0)
+            flush = True
+            yield zap
+            it.next()
+        rcu.read_unlock(th)
+        return flush
+
+    def kvm_tdp_mmu_zap_leafs(self, th: "Thread", as_id: int, start: int, end: int,
+                              can_yield: bool, flush: bool) -> Generator:
+        """kvm_tdp_mmu_zap_leafs: every root of the address space (valid and invalid), the
+        pending flush threaded through all of them (the 5.18-rc fix)."""
+        state = {"flush": flush}
+
+        def body(root):
+            state["flush"] = yield from self.tdp_mmu_zap_leafs(th, root, start, end,
+                                                              can_yield, state["flush"])
+
+        yield from self.walk_roots(th, as_id, False, False, body)
+        return state["flush"]
+
+    def kvm_tdp_mmu_zap_sp(self, th: "Thread", sp: ShadowPage) -> Generator:
+        """kvm_tdp_mmu_zap_sp (5.18): zap exactly ``sp`` through its parent entry.
+        mmu_lock held for write, caller holds RCU.  Returns True (flush needed)."""
+        if sp.ptep is None:
+            self.warn("zap_sp_on_root", th, sp=sp.id)
+            return False
+        parent, index = sp.ptep
+        self.touch(parent)
+        old = int(parent.spt[index])
+        if not S.is_shadow_present_pte(old):
+            self.warn("zap_sp_parent_not_present", th, sp=sp.id)
+            return False
+        yield from self.__tdp_mmu_set_spte(th, sp.as_id, parent, index, old, 0, sp.gfn,
+                                           sp.level + 1)
+        return True
+
+    def kvm_tdp_mmu_zap_all(self, th: "Thread") -> Generator:
+        """kvm_tdp_mmu_zap_all (mmu_lock held for write): zap every root, valid or invalid
+        (also those a worker is zapping); 5.18 does no flush (the VM is dying)."""
+        for as_id in (0, 1):
+            def body(root):
+                yield from self.tdp_mmu_zap_root(th, root, shared=False)
+            yield from self.walk_roots(th, as_id, False, False, body)
+
+    def kvm_mmu_uninit_tdp_mmu(self, th: "Thread") -> Generator:
+        """kvm_mmu_uninit_tdp_mmu: flush and destroy the workqueue, WARN if roots or pages
+        are left, then rcu_barrier (workers queue RCU callbacks)."""
+        yield from self.zap_wq.flush(th)
+        yield from self.zap_wq.destroy(th)
+        if self.roots:
+            self.warn("uninit_roots_left", th, roots=[r.id for r in self.roots])
+        if self.pages:
+            self.warn("uninit_pages_left", th, pages=len(self.pages))
+        yield from self.host.rcu.rcu_barrier(th)
+
+    # ---- NX huge pages accounting ------------------------------------------------------------
+
+    def account_huge_nx_page(self, sp: ShadowPage) -> None:
+        """account_huge_nx_page: the SP replaced a huge page the NX mitigation forbade."""
+        if sp.lpage_disallowed:
+            return
+        sp.lpage_disallowed = True
+        self.lpage_disallowed[sp.id] = sp
+        self.kvm.stat["nx_lpage_splits"] += 1
+
+    def unaccount_huge_nx_page(self, sp: ShadowPage) -> None:
+        sp.lpage_disallowed = False
+        self.lpage_disallowed.pop(sp.id, None)
+        self.kvm.stat["nx_lpage_splits"] -= 1

@@ -1,0 +1,193 @@
+"""The x86 MMU glue around the TDP MMU (arch/x86/kvm/mmu/mmu.c): root load and unload,
+fast zap, zap all, kvm_zap_gfn_range, memslot flag changes, the notifier entry points.
+
+``X86Mmu`` is the ``kvm.arch`` object the generic layer calls (see kvm/vm.py and
+kvm/vcpu.py).  Only the TDP MMU is modelled (tdp_mmu=Y, no shadow paging), so the legacy
+MMU's parts of these functions (rmaps, obsolete-page lists) are absent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generator
+
+from ..kvm.vm import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm
+from . import spte as S
+from . import tdp_ops
+from .policy import Policy, check_supported
+from .tdp_fault import kvm_tdp_mmu_map
+from .tdp_mmu import TdpMmu
+
+if TYPE_CHECKING:
+    from ..host.sched import Thread
+    from ..kvm.vcpu import Fault, Vcpu
+
+
+class X86Mmu:
+    def __init__(self, kvm: Kvm, policy: Policy):
+        check_supported(policy)
+        self.kvm = kvm
+        self.policy = policy
+        self.tdp = TdpMmu(kvm, policy)
+        self.pt = self.tdp.pt
+        self.mmu_valid_gen = 0
+        self.eager_page_split = True
+        self.nx_huge_pages = False
+        self.fast = None       # set by tdpsim.mmu.fast when fast paths are installed
+
+    # ---- roots (called from the vCPU run loop) ----------------------------------------------
+
+    def mmu_load(self, vcpu: "Vcpu", th: "Thread") -> Generator:
+        """kvm_mmu_load: allocate or reuse a root under mmu_lock (write), then the local
+        flush of the current context (nothing cached for it may be used)."""
+        kvm = self.kvm
+        t0 = kvm.engine.now
+        yield from kvm.mmu_lock.write_lock(th)
+        root = self.tdp.kvm_tdp_mmu_get_vcpu_root_hpa(vcpu, th)
+        kvm.mmu_lock.write_unlock(th)
+        vcpu.root = root
+        vcpu.tlb.flush()
+        vcpu.stat["root_loads"] += 1
+        yield kvm.costs.root_load
+        kvm.observe("root_load", vcpu=vcpu, root=root, t=kvm.engine.now,
+                    wait_ns=kvm.engine.now - t0)
+
+    def kvm_mmu_free_roots(self, vcpu: "Vcpu", th: "Thread") -> Generator:
+        """kvm_mmu_free_roots (mmu_lock write): put the vCPU's root reference."""
+        kvm = self.kvm
+        root = vcpu.root
+        if root is None:
+            return
+        t0 = kvm.engine.now
+        yield from kvm.mmu_lock.write_lock(th)
+        vcpu.root = None
+        yield from self.tdp.kvm_tdp_mmu_put_root(th, root, shared=False)
+        kvm.mmu_lock.write_unlock(th)
+        kvm.observe("root_put", vcpu=vcpu, root=root, t0=t0, t=kvm.engine.now)
+
+    def mmu_unload(self, vcpu: "Vcpu", th: "Thread") -> Generator:
+        """kvm_mmu_unload."""
+        yield from self.kvm_mmu_free_roots(vcpu, th)
+
+    def free_obsolete_roots(self, vcpu: "Vcpu", th: "Thread") -> Generator:
+        """kvm_mmu_free_obsolete_roots (5.18): free the root only if it is obsolete."""
+        if vcpu.root is not None and self.is_obsolete_root(vcpu.root):
+            yield from self.kvm_mmu_free_roots(vcpu, th)
+
+    def reset_context(self, vcpu: "Vcpu", th: "Thread") -> Generator:
+        """kvm_mmu_reset_context (e.g. CR0.WP toggled by KVM_SET_SREGS): unload."""
+        yield from self.mmu_unload(vcpu, th)
+
+    def is_obsolete_root(self, root) -> bool:
+        """is_obsolete_sp for a TDP MMU root: invalid."""
+        return root.invalid
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    def tdp_map(self, vcpu: "Vcpu", th: "Thread", fault: "Fault") -> Generator:
+        return (yield from kvm_tdp_mmu_map(self.tdp, vcpu, th, fault, self.nx_huge_pages))
+
+    def run_bulk(self, vcpu: "Vcpu", th: "Thread", guest) -> Generator:
+        """Fast-mode bulk of the vCPU run loop; 0 when nothing could be bulked."""
+        if self.fast is None:
+            return 0
+        return (yield from self.fast.run_bulk(vcpu, th, guest))
+
+    # ---- zapping ---------------------------------------------------------------------------
+
+    def kvm_mmu_zap_all_fast(self, th: "Thread") -> Generator:
+        """kvm_mmu_zap_all_fast (5.18): under mmu_lock (write) invalidate the roots and make
+        every vCPU drop obsolete roots; then, unlocked, wait for every invalid root to be
+        zapped (flush the zap workqueue) before returning."""
+        kvm = self.kvm
+        yield from kvm.mmu_lock.write_lock(th)
+        self.mmu_valid_gen += 1
+        self.tdp.kvm_tdp_mmu_invalidate_all_roots(th)
+        yield from kvm.make_all_cpus_request(th, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+        kvm.mmu_lock.write_unlock(th)
+        yield from self.tdp.kvm_tdp_mmu_zap_invalidated_roots(th)
+        kvm.observe("zap_all_fast_done", t=kvm.engine.now, task=th.name)
+
+    def kvm_mmu_zap_all(self, th: "Thread") -> Generator:
+        """kvm_mmu_zap_all: under mmu_lock (write) zap every root; no flush in 5.18."""
+        kvm = self.kvm
+        yield from kvm.mmu_lock.write_lock(th)
+        yield from self.tdp.kvm_tdp_mmu_zap_all(th)
+        kvm.mmu_lock.write_unlock(th)
+
+    def kvm_zap_gfn_range(self, th: "Thread", start: int, end: int) -> Generator:
+        """kvm_zap_gfn_range (MTRR, CR0.CD, APICv...): notifier count bumped, leaf zap in
+        both address spaces with the flush threaded through, one range flush."""
+        kvm = self.kvm
+        yield from kvm.mmu_lock.write_lock(th)
+        kvm.mmu_notifier_count += 1
+        kvm.mmu_notifier_range_start, kvm.mmu_notifier_range_end = 0, 1 << 62
+        flush = False
+        for as_id in (0, 1):
+            flush = yield from self.tdp.kvm_tdp_mmu_zap_leafs(th, as_id, start, end, True,
+                                                              flush)
+        if flush:
+            yield from kvm.flush_remote_tlbs_with_address(th, start, end - start)
+        kvm.mmu_notifier_seq += 1
+        kvm.mmu_notifier_count -= 1
+        kvm.mmu_lock.write_unlock(th)
+        kvm.observe("zap_gfn_range_done", start=start, end=end, t=kvm.engine.now)
+
+    # ---- generic-layer hooks ------------------------------------------------------------------
+
+    def flush_shadow_memslot(self, th: "Thread", slot) -> Generator:
+        """kvm_arch_flush_shadow_memslot -> kvm_mmu_invalidate_zap_pages_in_memslot."""
+        yield from self.kvm_mmu_zap_all_fast(th)
+
+    def flush_shadow_all(self, th: "Thread") -> Generator:
+        """kvm_arch_flush_shadow_all (notifier release, VM destruction)."""
+        yield from self.kvm_mmu_zap_all(th)
+
+    def unmap_gfn_range(self, th: "Thread", rng) -> Generator:
+        """kvm_unmap_gfn_range."""
+        return (yield from tdp_ops.kvm_tdp_mmu_unmap_gfn_range(self.tdp, th, rng, False))
+
+    def set_spte_gfn(self, th: "Thread", rng) -> Generator:
+        """kvm_set_spte_gfn: 5.18 returns the flush to the generic code."""
+        return (yield from tdp_ops.kvm_tdp_mmu_set_spte_gfn(self.tdp, th, rng))
+
+    def age_gfn(self, th: "Thread", rng) -> Generator:
+        return (yield from tdp_ops.kvm_tdp_mmu_age_gfn_range(self.tdp, th, rng))
+
+    def test_age_gfn(self, th: "Thread", rng) -> Generator:
+        return (yield from tdp_ops.kvm_tdp_mmu_test_age_gfn(self.tdp, th, rng))
+
+    def slot_apply_flags(self, th: "Thread", slot, old_flags: int, new_flags: int) -> Generator:
+        """kvm_mmu_slot_apply_flags (no PML): enabling dirty logging eagerly splits huge
+        pages (read lock) then write-protects the slot and flushes; disabling leaves the
+        small SPTEs (collapsing is not modelled)."""
+        from ..kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+        kvm = self.kvm
+        enabling = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES) and \
+            not old_flags & KVM_MEM_LOG_DIRTY_PAGES
+        if not enabling:
+            return
+        yield from kvm.mmu_lock.read_lock(th)
+        if self.eager_page_split:
+            yield from tdp_ops.kvm_tdp_mmu_try_split_huge_pages(
+                self.tdp, th, slot, slot.base_gfn, slot.end_gfn, S.PG_LEVEL_4K, True)
+        changed = yield from tdp_ops.kvm_tdp_mmu_wrprot_slot(self.tdp, th, slot,
+                                                             S.PG_LEVEL_4K)
+        kvm.mmu_lock.read_unlock(th)
+        if changed:
+            yield from kvm.flush_remote_tlbs(th)   # kvm_arch_flush_remote_tlbs_memslot
+
+    def destroy(self, th: "Thread") -> Generator:
+        """kvm_arch_destroy_vm: every vCPU unloads its MMU (kvm_destroy_vcpus ->
+        kvm_mmu_destroy -> kvm_mmu_unload), then kvm_mmu_uninit_vm ->
+        kvm_mmu_uninit_tdp_mmu."""
+        for v in self.kvm.vcpus:
+            yield from self.kvm_mmu_free_roots(v, th)
+        yield from self.tdp.kvm_mmu_uninit_tdp_mmu(th)
+        self.kvm.dead = True
+
+
+def create_vm(host, mm, policy: Policy, name: str = "vm", maxphyaddr: int = 46) -> Kvm:
+    """KVM_CREATE_VM with the TDP MMU."""
+    kvm = Kvm(host, mm, name, maxphyaddr)
+    kvm.arch = X86Mmu(kvm, policy)
+    return kvm
