@@ -11,8 +11,9 @@ lockup) and are granted in FIFO order.  qrwlock rules modelled (kernel/locking/q
 * ``is_contended()`` (``rwlock_is_contended``) is true while anybody is queued;
   ``needbreak()`` (``rwlock_needbreak``) is that only on CONFIG_PREEMPTION kernels.
 
-As a Resource, a lock stands for its contention: bulk loops that test ``needbreak`` declare
-it, and enqueueing a waiter settles them first.  Hold and wait times are recorded for the
+As a Resource, a lock stands for its contention and its writer: bulk loops that test
+``needbreak``, or take the lock for read in each iteration, declare it; enqueueing a waiter
+and taking it for write settle them first.  Hold and wait times are recorded for the
 monitors.
 """
 
@@ -130,6 +131,8 @@ class RwLock(Resource):
         yield from self._wait(th, READ)
 
     def write_lock(self, th: "Thread") -> Generator:
+        if self.bulks:   # a writer changes what bulks taking the lock for read would see
+            self.host.engine.settle(self)
         if self.writer is None and not self.readers and not self.queue:
             self._grant(th, WRITE)
             return

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..sim.engine import Resource
+
 if TYPE_CHECKING:
     from .host import Host
 
@@ -24,8 +26,13 @@ POISON = 0x6B6B6B6B6B6B6B6B   # slab's POISON_FREE byte, repeated
 FREE, ALLOCATED = 0, 1
 
 
-class PageAllocator:
+class PageAllocator(Resource):
+    """As a Resource it stands for the allocation counters: fast-mode bulks that allocate
+    declare it, and every free settles them first, so ``peak`` (the live count just before
+    a free) is what ``exact`` mode would see.  Allocations commute and do not settle."""
+
     def __init__(self, host: "Host", total_pages: int | None = None):
+        super().__init__()
         self.host = host
         self.total = total_pages          # None: unbounded
         cap = 1 << 16
@@ -74,6 +81,8 @@ class PageAllocator:
         return pfn
 
     def free(self, pfn: int, who=None) -> None:
+        if self.bulks:
+            self.host.engine.settle(self)
         if self.state[pfn] != ALLOCATED:
             self.host.report("double_free", who, pfn=pfn, owner=self.owner[pfn])
             return
@@ -84,6 +93,24 @@ class PageAllocator:
         self._free.append(pfn)
         self.allocated -= 1
         self.frees += 1
+
+    def alloc_block(self, n: int, owner: str = "") -> np.ndarray:
+        """Allocate n fresh physically contiguous pages aligned to n (a huge page)."""
+        if self.total is not None and self.allocated + n > self.total:
+            raise MemoryError("host out of memory")
+        start = -(-self._next // n) * n
+        out = np.arange(start, start + n, dtype=np.int64)
+        self._next = start + n
+        self._grow(self._next)
+        self.state[out] = ALLOCATED
+        self.gen[out] += 1
+        self.refs[out] = 1
+        for p in out.tolist():
+            self.owner[p] = owner
+        self.allocated += n
+        self.allocs += n
+        self.peak = max(self.peak, self.allocated)
+        return out
 
     def alloc_many(self, n: int, owner: str = "") -> np.ndarray:
         """Allocate n pages at once (free list first, most recent first)."""
@@ -110,6 +137,8 @@ class PageAllocator:
         return out
 
     def free_many(self, pfns: np.ndarray, who=None) -> None:
+        if self.bulks:
+            self.host.engine.settle(self)
         pfns = np.asarray(pfns, dtype=np.int64)
         uniq, first, counts = np.unique(pfns, return_index=True, return_counts=True)
         live = self.state[uniq] == ALLOCATED
@@ -155,13 +184,15 @@ class PageAllocator:
     # ---- checks ------------------------------------------------------------------------
 
     def is_live(self, pfn: int, gen: int) -> bool:
+        if not 0 < pfn < len(self.state):
+            return False            # a garbage PFN (e.g. read from a poisoned table)
         return bool(self.state[pfn] == ALLOCATED and self.gen[pfn] == gen)
 
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
         """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""
         if self.is_live(pfn, gen):
             return True
-        reused = bool(self.state[pfn] == ALLOCATED)
+        reused = 0 < pfn < len(self.state) and bool(self.state[pfn] == ALLOCATED)
         self.host.report("use_after_free", who, pfn=pfn, what=what, reused=reused,
                          now_owner=self.owner[pfn] if reused else None)
         return False

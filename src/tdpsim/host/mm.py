@@ -27,20 +27,27 @@ from typing import TYPE_CHECKING, Generator
 
 import numpy as np
 
+from ..sim.engine import Resource
+
 if TYPE_CHECKING:
     from .host import Host
     from .sched import Thread
 
 PAGE = 4096
+HPAGE_PAGES = 512
+HPAGE = HPAGE_PAGES * PAGE
 HVA_BASE = 0x7F00_0000_0000
 
 
 class MemFd:
-    """A memfd: pages owned by the file, allocated on first touch (or ``prefault``)."""
+    """A memfd: pages owned by the file, allocated on first touch (or ``prefault``).
+    A hugetlb memfd holds 2 MiB pages: physically contiguous, aligned blocks of 512."""
 
     def __init__(self, host: "Host", npages: int, hugetlb: bool = False, name: str = "memfd"):
         if npages < 1:
             raise ValueError("memfd needs at least one page")
+        if hugetlb and npages % HPAGE_PAGES:
+            raise ValueError("a hugetlb memfd is a whole number of 2 MiB pages")
         self.host = host
         self.name = name
         self.npages = npages
@@ -52,18 +59,30 @@ class MemFd:
     def page(self, idx: int) -> tuple[int, int]:
         if self.pfn[idx] < 0:
             mem = self.host.memory
-            p = mem.alloc(self.name)
-            self.pfn[idx] = p
-            self.gen[idx] = mem.gen[p]
+            if self.hugetlb:      # the whole 2 MiB page, physically contiguous and aligned
+                b = idx - idx % HPAGE_PAGES
+                pfns = mem.alloc_block(HPAGE_PAGES, self.name)
+                self.pfn[b:b + HPAGE_PAGES] = pfns[:len(self.pfn[b:b + HPAGE_PAGES])]
+                self.gen[b:b + HPAGE_PAGES] = mem.gen[self.pfn[b:b + HPAGE_PAGES]]
+            else:
+                p = mem.alloc(self.name)
+                self.pfn[idx] = p
+                self.gen[idx] = mem.gen[p]
         return int(self.pfn[idx]), int(self.gen[idx])
 
     def prefault(self) -> None:
         missing = np.flatnonzero(self.pfn < 0)
-        if len(missing):
-            mem = self.host.memory
-            pfns = mem.alloc_many(len(missing), self.name)
-            self.pfn[missing] = pfns
-            self.gen[missing] = mem.gen[pfns]
+        if not len(missing):
+            return
+        if self.hugetlb:
+            for idx in missing.tolist():
+                if self.pfn[idx] < 0:
+                    self.page(idx)
+            return
+        mem = self.host.memory
+        pfns = mem.alloc_many(len(missing), self.name)
+        self.pfn[missing] = pfns
+        self.gen[missing] = mem.gen[pfns]
 
     def close(self) -> None:
         present = self.pfn[self.pfn >= 0]
@@ -73,10 +92,15 @@ class MemFd:
         self.closed = True
 
 
-class Vma:
+class Vma(Resource):
+    """A mapping and its host PTEs.  As a Resource it stands for the PTEs and their accessed
+    bits: a fast-mode bulk faulting through it declares it, and host operations that read
+    or change them settle it first (``Mm._settle``)."""
+
     __slots__ = ("start", "npages", "memfd", "pgoff", "pte", "pte_gen", "young", "writable")
 
     def __init__(self, start: int, npages: int, memfd: MemFd | None, pgoff: int, writable: bool):
+        super().__init__()
         self.start = start
         self.npages = npages
         self.memfd = memfd          # None: anonymous private memory
@@ -158,7 +182,9 @@ class Mm:
         if memfd is not None and pgoff + npages > memfd.npages:
             raise ValueError("mapping extends past the end of the memfd")
         hva = self._next_hva
-        self._next_hva += (npages + 1) * PAGE  # leave a guard page
+        if memfd is not None and memfd.hugetlb:
+            hva = -(-hva // HPAGE) * HPAGE       # hugetlbfs mappings are huge-page aligned
+        self._next_hva = hva + (npages + 1) * PAGE  # leave a guard page
         self.vmas.append(Vma(hva, npages, memfd, pgoff, writable))
         return hva
 
@@ -173,6 +199,7 @@ class Mm:
         v = self.find_vma(hva)
         if v is None:
             raise ValueError(f"{self.name}: no mapping at {hva:#x}")
+        self._settle(v)
         i = (hva - v.start) // PAGE
         if v.pte[i] < 0:
             if v.memfd is not None:
@@ -190,12 +217,14 @@ class Mm:
         v = self.find_vma(hva)
         if v is None:
             return None
+        self._settle(v)
         i = (hva - v.start) // PAGE
         return (int(v.pte[i]), int(v.pte_gen[i])) if v.pte[i] >= 0 else None
 
     def prefault(self, hva: int, npages: int) -> None:
         """Touch every page (like the selftest writing one byte per page)."""
         v = self.find_vma(hva)
+        self._settle(v)
         i0 = (hva - v.start) // PAGE
         if v.memfd is not None:
             v.memfd.prefault()
@@ -237,7 +266,12 @@ class Mm:
         v = self.find_vma(hva)
         if v is None or hva + npages * PAGE > v.end:
             raise ValueError(f"{self.name}: range {hva:#x}+{npages} pages is not one mapping")
+        self._settle(v)
         return v, (hva - v.start) // PAGE
+
+    def _settle(self, v: Vma) -> None:
+        if v.bulks:
+            self.host.engine.settle(v)
 
     # ---- host-side events (generators run by a host thread) -----------------------------
 
@@ -321,6 +355,7 @@ class Mm:
         self.notifiers.clear()
         freed = []
         for v in self.vmas:
+            self._settle(v)
             freed += self._zap(v, 0, v.npages)
         self.vmas.clear()
         if freed:

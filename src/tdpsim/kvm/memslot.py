@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..host.mm import PAGE, Mm
+from ..sim.engine import Resource
 
 KVM_USER_MEM_SLOTS = 32764
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
@@ -38,6 +39,8 @@ class Memslot:
     #: host page size in 4 KiB pages backing this slot's hva range (512 for hugetlb 2 MiB)
     host_level_pages: int = 1
     dirty_bitmap: np.ndarray | None = field(default=None, repr=False)
+    #: KVM_MEMSLOT_INVALID: set while the slot is being deleted or moved; faults retry
+    invalid: bool = False
 
     @property
     def end_gfn(self) -> int:
@@ -81,10 +84,14 @@ class Memslot:
         return level
 
 
-class Memslots:
-    """The memslots of one address space, ordered by base gfn."""
+class Memslots(Resource):
+    """The memslots of one address space, ordered by base gfn.
+
+    As a Resource it stands for the slot layout: fast-mode bulks that rely on a slot
+    declare it, and every change (``Kvm.set_user_memory_region``) settles them first."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.by_id: dict[int, Memslot] = {}
         self._starts: list[int] = []
         self._sorted: list[Memslot] = []

@@ -2,9 +2,11 @@
 
 * TLB: gfn -> (pfn, host page generation, writable, dirty, fill time).  A write through an
   entry whose dirty bit is clear walks again to set D, as the CPU does.
-* PSC: (level, gfn >> shift) -> PFN of the next-lower table, so a walk can start below the
-  root.  Stale PSC entries are why a removed page table must not be freed before a flush:
-  a walk through one reads whatever page now lives at that PFN.
+* PSC: the PDE cache, gfn >> 9 -> PFN of the 4 KiB table, so a walk can start at the
+  last level.  Stale PSC entries are why a removed page table must not be freed before a
+  flush: a walk through one reads whatever page now lives at that PFN.  (Upper-level
+  paging-structure caches are not modelled; the PDE cache is the one that points at the
+  tables zaps free most.)
 * Capacity: LRU with ``capacity`` TLB entries and ``psc_capacity`` entries per level;
   ``None`` is unbounded (for checking: nothing is ever evicted, so every stale entry stays
   usable until a flush).
@@ -46,13 +48,15 @@ class Tlb:
         self.entries: OrderedDict[int, TlbEntry] = OrderedDict()
         self.psc: dict[int, OrderedDict[int, int]] = {}
         self.flushes = 0
+        self.last_flush_t = 0
         self.hits = 0
         self.misses = 0
 
-    def flush(self) -> None:
+    def flush(self, now: int = 0) -> None:
         self.entries.clear()
         self.psc.clear()
         self.flushes += 1
+        self.last_flush_t = now
 
     def lookup(self, gfn: int) -> TlbEntry | None:
         e = self.entries.get(gfn)
@@ -96,21 +100,23 @@ class WalkResult:
 
 
 def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool) -> WalkResult:
-    """The CPU's EPT walk for ``gfn`` starting at the deepest cached PSC entry.
+    """The CPU's EPT walk for ``gfn``, starting at the cached PDE if there is one.
 
-    On success sets A (and D for a write) in the leaf SPTE and fills the caches."""
-    level = root.level
-    sp = root
-    # deepest PSC hit first (level 2 entries point at 4K tables)
-    for lvl in range(2, root.level + 1):
-        pfn = tlb.psc_lookup(lvl, gfn)
-        if pfn is not None:
-            child = pt.lookup(pfn)
-            if child is None or child.freed:
-                return WalkResult(False, freed_table=(pfn, f"PSC L{lvl}"))
-            sp, level = child, lvl - 1
-            break
+    On success sets A (and D for a write) in the leaf SPTE and fills the PDE cache (the
+    caller fills the TLB).  Tables are settled before they are read (fast-mode bulks may be
+    writing into them)."""
+    settle = pt.host.engine.settle
+    pfn = tlb.psc_lookup(2, gfn)
+    if pfn is not None:
+        sp = pt.lookup(pfn)
+        if sp is None or sp.freed:
+            return WalkResult(False, freed_table=(pfn, "PDE cache"))
+        level = 1
+    else:
+        sp, level = root, root.level
     while True:
+        if sp.bulks:
+            settle(sp)
         i = S.spte_index(gfn, level)
         spte = int(sp.spt[i])
         if not S.is_shadow_present_pte(spte):
@@ -129,5 +135,6 @@ def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: boo
         child = pt.lookup(child_pfn)
         if child is None:
             return WalkResult(False, freed_table=(child_pfn, f"L{level} entry"))
-        tlb.psc_fill(level, gfn, child_pfn)
+        if level == 2:
+            tlb.psc_fill(2, gfn, child_pfn)
         sp, level = child, level - 1

@@ -107,7 +107,7 @@ class Vcpu(Resource):
         self.tlb = Tlb(tlb_capacity, psc_capacity)
         self.exit_waiters: list = []
         self.stat = {"exits": 0, "pf_taken": 0, "pf_fixed": 0, "pf_spurious": 0,
-                     "pf_retry": 0, "tlb_flush": 0, "root_loads": 0}
+                     "pf_retry": 0, "mmio_exits": 0, "tlb_flush": 0, "root_loads": 0}
         self.fault: Fault | None = None
         #: CR0.WP is part of the root's role in 5.17/5.18: toggling it needs a new root
         self.cr0_wp = True
@@ -143,7 +143,7 @@ class Vcpu(Resource):
                 yield from kvm.arch.mmu_unload(self, th)
             if KVM_REQ_TLB_FLUSH in self.requests:
                 self.requests.discard(KVM_REQ_TLB_FLUSH)
-                self.tlb.flush()
+                self.tlb.flush(kvm.engine.now)
                 self.stat["tlb_flush"] += 1
         if self.root is None:
             yield from kvm.arch.mmu_load(self, th)
@@ -164,6 +164,8 @@ class Vcpu(Resource):
             if fast and self.fault is None:
                 n = yield from kvm.arch.run_bulk(self, th, guest)
                 if n:
+                    if self.mode == EXITING_GUEST_MODE:   # kicked during an access step
+                        self._exit_guest()
                     continue
             if self.fault is not None:         # phase 2 of a fault whose phase 1 is done
                 yield from self._fault_phase2(th, guest)
@@ -178,8 +180,18 @@ class Vcpu(Resource):
                 continue
             # EPT violation: exit, phase 1 of the fault
             self._exit_guest()
+            if kvm.memslots[0].find(gfn) is None:
+                # no memslot: an MMIO exit; userspace emulates the access and re-enters
+                self.stat["mmio_exits"] += 1
+                guest.advance()
+                yield costs.fault_4k
+                continue
             self.stat["pf_taken"] += 1
             self._fault_phase1(gfn, write)
+            if self.fault.slot.invalid:
+                # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY before mmu_lock
+                self.fault = None
+                self.stat["pf_retry"] += 1
             yield costs.fault_4k // 4
         self._exit_guest()
 
@@ -221,8 +233,6 @@ class Vcpu(Resource):
         f = Fault(gfn, write)
         f.mmu_seq = kvm.mmu_notifier_seq
         slot = kvm.memslots[0].find(gfn)
-        if slot is None:
-            raise RuntimeError(f"{self.name}: guest access to gfn {gfn:#x} outside memslots")
         f.slot = slot
         f.hva = slot.gfn_to_hva(gfn)
         f.map_writable = not slot.readonly
@@ -237,6 +247,12 @@ class Vcpu(Resource):
         kvm = self.kvm
         f = self.fault
         self.fault = None
+        if f.slot.invalid or kvm.memslots[0].find(f.gfn) is not f.slot:
+            # the memslot is going away since phase 1 (the kernel's SRCU would hold the
+            # deletion off until the fault is done; the model retries instead)
+            self.stat["pf_retry"] += 1
+            yield kvm.costs.fault_4k - kvm.costs.fault_4k // 4
+            return
         yield from kvm.mmu_lock.read_lock(th)
         kvm.host.rcu.read_lock(th)
         extra = 0

@@ -82,18 +82,26 @@ class Kvm:
     def set_user_memory_region(self, th: "Thread", slot_id: int, flags: int, gpa: int,
                                size: int, hva: int, as_id: int = 0) -> Generator:
         """Create, delete (size 0), move or change the flags of a memslot."""
+        if as_id not in (0, 1):
+            raise ValueError(f"slot: address space must be 0 or 1, got {as_id}")
         if gpa % PAGE or size % PAGE or hva % PAGE:
             raise ValueError("guest_phys_addr, memory_size and userspace_addr must be "
                              "4 KiB aligned")
         base, npages = gpa // PAGE, size // PAGE
         check_region(slot_id, flags, base, npages, self.mm, hva, self.max_gfn)
         slots = self.memslots[as_id]
+        if slots.bulks:
+            self.engine.settle(slots)
         old = slots.by_id.get(slot_id)
         if npages == 0:
             if old is None:
                 raise ValueError(f"slot: {slot_id} does not exist")
-            # delete: the arch code must drop every SPTE of the slot before it goes away
+            # delete: mark the slot invalid (faults on it retry), let the arch code drop
+            # every SPTE of it, then remove it
+            old.invalid = True
             yield from self.arch.flush_shadow_memslot(th, old)
+            if slots.bulks:
+                self.engine.settle(slots)
             slots.remove(slot_id)
             self.observe("memslot_deleted", slot=old, t=self.engine.now)
             return
@@ -115,8 +123,12 @@ class Kvm:
         if old.base_gfn != base:      # move: like delete + create for the MMU
             if slots.overlapping(base, npages, skip=slot_id) is not None:
                 raise ValueError("guest_phys_addr: overlaps an existing memslot")
+            old.invalid = True
             yield from self.arch.flush_shadow_memslot(th, old)
+            if slots.bulks:
+                self.engine.settle(slots)
             old.base_gfn = base
+            old.invalid = False
             slots._reindex()
             self.observe("memslot_deleted", slot=old, t=self.engine.now)
         if old.flags != flags:

@@ -39,8 +39,8 @@ def make_role(level: int, as_id: int = 0, cr0_wp: bool = True) -> int:
 
 class ShadowPage(Resource):
     __slots__ = ("spt", "gens", "gfn", "role", "level", "tdp_mmu_root_count", "ptep", "pfn",
-                 "pgen", "lpage_disallowed", "freed", "unlinked", "work", "id",
-                 "zapped_by", "__weakref__")
+                 "pgen", "lpage_disallowed", "freed", "unlinked", "unlink_t", "work", "id",
+                 "zapped_by", "root", "__weakref__")
 
     def __init__(self, sid: int, gfn: int, role: int, pfn: int, pgen: int,
                  ptep: tuple["ShadowPage", int] | None):
@@ -58,6 +58,9 @@ class ShadowPage(Resource):
         self.lpage_disallowed = False
         self.freed = False
         self.unlinked = False
+        self.unlink_t = -1
+        #: the root this table belongs to (itself for a root)
+        self.root = self if ptep is None else ptep[0].root
         self.work = None            # the root's zap work item (5.18)
         self.zapped_by: str | None = None
 

@@ -47,7 +47,16 @@ class TdpIter:
         return self.sp, self.index
 
     def _read(self) -> None:
-        self.old_spte = int(self.sp.spt[self.index])
+        sp = self.sp
+        if sp.bulks:      # a fast-mode bulk may be writing this table: settle it first
+            self.pt.host.engine.settle(sp)
+        if sp.freed:
+            # reading a freed table: poison looks like present leaves, so say it here
+            self.pt.host.report("use_after_free", None, pfn=sp.pfn,
+                                what=f"tdp_iter read of freed L{sp.level} table", reused=False,
+                                now_owner=None)
+            self.valid = False
+        self.old_spte = int(sp.spt[self.index])
 
     def restart(self) -> None:
         """tdp_iter_restart: walk again from the root towards next_last_level_gfn."""
@@ -73,8 +82,8 @@ class TdpIter:
         if self.level == self.min_level:
             return False
         # re-read: the SPTE may have been zapped since it was first read
-        spte = int(self.sp.spt[self.index])
-        self.old_spte = spte
+        self._read()
+        spte = self.old_spte
         if not is_shadow_present_pte(spte) or is_last_spte(spte, self.level):
             return False
         child = self._child(spte)

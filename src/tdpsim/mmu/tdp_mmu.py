@@ -54,6 +54,8 @@ class TdpMmu:
         self.max_gfn_host = 1 << (kvm.maxphyaddr - S.PAGE_SHIFT)
         # kvm_mmu_get_tdp_level: 5-level only if MAXPHYADDR needs it
         self.root_level = 5 if kvm.maxphyaddr > 48 else 4
+        #: entries frozen with REMOVED by tdp_mmu_zap_spte_atomic: (sp id, index) -> task
+        self.frozen: dict[tuple[int, int], str] = {}
         self.roots_freed = 0
         self.root_zaps: list[dict] = []     # who zapped which root, when, how long
 
@@ -123,6 +125,7 @@ class TdpMmu:
             self.host.report("double_free", th, pfn=root.pfn, owner=f"root#{root.id}")
             return
         root.unlinked = True
+        root.unlink_t = self.engine.now
         self.kvm.observe("root_unlinked", root=root, t=self.engine.now)
         self.host.rcu.call_rcu(lambda: self._free_sp_rcu(root))
 
@@ -216,6 +219,10 @@ class TdpMmu:
         if cur != it.old_spte:
             it.old_spte = cur
             return False
+        if self.frozen:
+            self._check_frozen(th, sp, i)
+        if sp.root.invalid and S.is_shadow_present_pte(new) and not S.is_shadow_present_pte(cur):
+            self.host.report("invalid_root_gains_spte", th, root=sp.root.id, gfn=it.gfn)
         old, old_gen = cur, int(sp.gens[i])
         sp.spt[i] = new
         sp.gens[i] = gen
@@ -230,10 +237,21 @@ class TdpMmu:
         ok = yield from self.tdp_mmu_set_spte_atomic(th, it, S.REMOVED_SPTE)
         if not ok:
             return False
+        key = (it.sp.id, it.index)
+        self.frozen[key] = th.name
         yield from self.kvm.flush_remote_tlbs_with_address(th, it.gfn,
                                                            S.pages_per_hpage(it.level))
+        del self.frozen[key]
+        self.touch(it.sp)
         it.sp.spt[it.index] = 0        # only the freezer writes the final value
         return True
+
+    def _check_frozen(self, th: "Thread", sp: ShadowPage, index: int) -> None:
+        """A REMOVED SPTE is written only by the thread that froze it."""
+        owner = self.frozen.get((sp.id, index))
+        if owner is not None and owner != th.name:
+            self.host.report("removed_written_by_non_owner", th, sp=sp.id, index=index,
+                             freezer=owner)
 
     def __tdp_mmu_set_spte(self, th: "Thread", as_id: int, sp: ShadowPage, index: int,
                            old: int, new: int, gfn: int, level: int, record_acc_track=True,
@@ -244,6 +262,10 @@ class TdpMmu:
         if S.is_removed_spte(old) or (self.policy.removed_spte_checks and
                                       S.is_removed_spte(new)):
             self.warn("set_spte_removed_in_nonatomic_path", th, gfn=gfn, level=level)
+        if self.frozen:
+            self._check_frozen(th, sp, index)
+        if sp.root.invalid and S.is_shadow_present_pte(new) and not S.is_shadow_present_pte(old):
+            self.host.report("invalid_root_gains_spte", th, root=sp.root.id, gfn=gfn)
         old_gen = int(sp.gens[index])
         sp.spt[index] = new
         sp.gens[index] = gen
@@ -337,6 +359,7 @@ class TdpMmu:
         if sp.lpage_disallowed:
             self.unaccount_huge_nx_page(sp)
         sp.unlinked = True
+        sp.unlink_t = self.engine.now
         if kvm.observers:
             kvm.observe("sp_unlinked", sp=sp, t=self.engine.now, task=th.name)
         spt = sp.spt
@@ -414,7 +437,8 @@ class TdpMmu:
         if it.gfn > it.next_last_level_gfn:
             self.warn("cond_resched_gfn_past_next", th)
         it.yielded = True
-        kvm.observe("yield", task=th.name, gfn=it.next_last_level_gfn, t=self.engine.now)
+        kvm.observe("yield", task=th.name, gfn=it.next_last_level_gfn, it_id=id(it),
+                    t=self.engine.now)
         return True
 
     def cond_resched_rwlock(self, th: "Thread", shared: bool) -> Generator:

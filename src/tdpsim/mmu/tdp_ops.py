@@ -29,13 +29,22 @@ def kvm_tdp_mmu_unmap_gfn_range(mmu: "TdpMmu", th: "Thread", rng: "GfnRange",
                                                  rng.may_block, flush))
 
 
+class _Pos:
+    """A snapshot of an iterator position (what the SPTE setters read from an iterator)."""
+    __slots__ = ("sp", "index", "gfn", "level", "as_id", "old_spte", "yielded")
+
+    def __init__(self, it: TdpIter):
+        self.sp, self.index, self.gfn, self.level = it.sp, it.index, it.gfn, it.level
+        self.as_id, self.old_spte, self.yielded = it.as_id, it.old_spte, False
+
+
 def _leaves_in(mmu: "TdpMmu", root, start: int, end: int):
-    """Present leaves of ``root`` in [start, end) as TdpIter positions (no yielding)."""
+    """Present leaves of ``root`` in [start, end), as position snapshots (no yielding)."""
     it = TdpIter(mmu.pt, root, S.PG_LEVEL_4K, start)
     while it.valid and it.gfn < end:
         mmu.touch(it.sp)
         if S.is_shadow_present_pte(it.old_spte) and S.is_last_spte(it.old_spte, it.level):
-            yield it
+            yield _Pos(it)
         it.next()
 
 

@@ -45,7 +45,7 @@ class X86Mmu:
         root = self.tdp.kvm_tdp_mmu_get_vcpu_root_hpa(vcpu, th)
         kvm.mmu_lock.write_unlock(th)
         vcpu.root = root
-        vcpu.tlb.flush()
+        vcpu.tlb.flush(kvm.engine.now)
         vcpu.stat["root_loads"] += 1
         yield kvm.costs.root_load
         kvm.observe("root_load", vcpu=vcpu, root=root, t=kvm.engine.now,

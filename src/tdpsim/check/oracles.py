@@ -1,0 +1,224 @@
+"""Safety oracles (architecture s5), checked while the simulation runs.
+
+A ``Checker`` listens to the host's reports and the VM's observations.  Each violation
+becomes a ``Finding``: its kind, the simulated time, the task, the details, and an excerpt
+of the events that led to it (the last ``EXCERPT`` observations and reports, kept in a ring
+buffer so the check stays cheap enough to leave on).
+
+Invariants checked, and where:
+
+* **stale translation**: when an mmu_notifier invalidation's start hook returns (KVM has
+  zapped and flushed), no root may still map a gfn of the range and no vCPU TLB may hold
+  one; a guest access through a TLB entry filled before a completed invalidation of its
+  gfn (notifier, memslot deletion, kvm_zap_gfn_range) is a finding;
+* **page-table use after free**: a hardware walk or a software walk reading a freed table
+  (reported by the walkers); a table freed before it was unlinked; a non-root table freed
+  while a vCPU in guest mode on that root has not flushed since the unlink;
+* **host page use after free**: an A/D write-back or a guest access to a freed page
+  (reported by the host allocator);
+* **roots**: refcount underflow, a root freed twice, an invalid root gaining an SPTE, a
+  reader (mmu_lock held for read) taking a reference to an invalid root (5.18 rule),
+  ``kvm_mmu_zap_all_fast`` returning while an invalid root still has entries;
+* **REMOVED** written by a thread other than its freezer; a yield without forward
+  progress (two yields of one walk at the same gfn);
+* every kernel WARN the model raises (``warn`` reports, spec s3.7).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..mmu import spte as S
+from ..kvm.vm import IN_GUEST_MODE, KVM_REQ_TLB_FLUSH
+
+if TYPE_CHECKING:
+    from ..host.host import Host
+    from ..kvm.vm import Kvm
+
+EXCERPT = 24
+
+#: host report kinds that are findings (the rest are monitor material)
+FINDING_REPORTS = {"warn", "use_after_free", "double_free", "refcount_underflow",
+                   "invalid_root_gains_spte", "removed_written_by_non_owner"}
+
+
+@dataclass
+class Finding:
+    kind: str
+    t: int
+    task: str | None
+    details: dict
+    excerpt: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "t": self.t, "task": self.task, "details": self.details,
+                "excerpt": self.excerpt}
+
+    def __str__(self) -> str:
+        det = ", ".join(f"{k}={v}" for k, v in self.details.items())
+        return f"[{self.t} ns] {self.kind} ({self.task}): {det}"
+
+
+class Checker:
+    """Attach to a host and a VM; ``findings`` fills up as the run goes."""
+
+    def __init__(self, host: "Host", kvm: "Kvm"):
+        self.host = host
+        self.kvm = kvm
+        self.findings: list[Finding] = []
+        self.recent: deque = deque(maxlen=EXCERPT)
+        #: completed invalidations: (completion time, first gfn, end gfn)
+        self.invalidated: list[tuple[int, int, int]] = []
+        self._last_yield: dict[str, int] = {}
+        host.listen(self._on_report)
+        kvm.observers.append(self._on_observe)
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _find(self, kind: str, task: str | None, **details) -> None:
+        f = Finding(kind, self.host.engine.now, task, details, list(self.recent))
+        self.findings.append(f)
+
+    def _on_report(self, rec: dict) -> None:
+        self.recent.append(("report", rec["t"], rec["kind"], rec.get("task")))
+        if rec["kind"] in FINDING_REPORTS:
+            details = {k: v for k, v in rec.items() if k not in ("t", "kind", "task")}
+            self._find(rec["kind"], rec["task"], **details)
+
+    def _on_observe(self, kind: str, **f) -> None:
+        t = f.get("t", self.host.engine.now)
+        if kind != "guest_access":
+            self.recent.append(("kvm", t, kind, f.get("task") or _name(f.get("vcpu"))))
+        handler = getattr(self, "_on_" + kind, None)
+        if handler is not None:
+            handler(**f)
+
+    # ---- stale translations ---------------------------------------------------------------
+
+    def _gfn_ranges_of_hva(self, start: int, end: int):
+        for as_id in (0, 1):
+            for slot, g0, g1 in self.kvm.memslots[as_id].by_hva(start, end):
+                yield g0, g1
+
+    def _on_invalidate_start(self, start: int, end: int, t: int, **_) -> None:
+        """KVM's invalidate_range_start returned: nothing of the range may be left."""
+        for g0, g1 in self._gfn_ranges_of_hva(start, end):
+            self._assert_unmapped(g0, g1, "mmu_notifier invalidate_range_start")
+            self.invalidated.append((t, g0, g1))
+
+    def _on_memslot_deleted(self, slot, t: int, **_) -> None:
+        self._assert_unmapped(slot.base_gfn, slot.end_gfn, "memslot deletion", tlb=False)
+        self.invalidated.append((t, slot.base_gfn, slot.end_gfn))
+
+    def _on_zap_gfn_range_done(self, start: int, end: int, t: int, **_) -> None:
+        self._assert_unmapped(start, end, "kvm_zap_gfn_range")
+        self.invalidated.append((t, start, end))
+
+    def _assert_unmapped(self, g0: int, g1: int, what: str, tlb: bool = True) -> None:
+        arch = self.kvm.arch
+        for root in arch.tdp.roots:
+            n = count_leaves(arch.pt, root, g0, g1)
+            if n:
+                self._find("stale_translation", None, what=what, root=root.id,
+                           gfns=(g0, g1), present_leaves=n)
+        if not tlb:
+            return
+        for v in self.kvm.vcpus:
+            if KVM_REQ_TLB_FLUSH in v.requests and v.mode != IN_GUEST_MODE:
+                continue    # it flushes before it can enter the guest again
+            if v.root is None or v.root.invalid:
+                continue    # it must load a new root (and flush) before entering again
+            stale = [g for g in v.tlb.entries if g0 <= g < g1]
+            if stale:
+                self._find("stale_translation", v.name, what=f"{what}: TLB not flushed",
+                           gfns=(g0, g1), tlb_entries=len(stale))
+
+    def _on_guest_access(self, vcpu, gfn: int, pfn: int, gen: int, fill_t: int, tlb: bool,
+                         t: int, **_) -> None:
+        if not self.host.memory.is_live(pfn, gen):
+            self._find("guest_access_freed_page", vcpu.name, gfn=gfn, pfn=pfn, via_tlb=tlb)
+            return
+        if tlb:
+            for done_t, g0, g1 in self.invalidated:
+                if fill_t < done_t and g0 <= gfn < g1:
+                    self._find("stale_translation", vcpu.name, gfn=gfn, filled=fill_t,
+                               invalidated=done_t, what="guest access through a TLB entry")
+                    return
+
+    # ---- page tables ------------------------------------------------------------------------
+
+    def _on_sp_freed(self, sp, t: int, **_) -> None:
+        if not sp.unlinked:
+            self._find("pt_freed_while_linked", None, sp=sp.id, level=sp.level)
+            return
+        if sp.is_root:
+            return
+        for v in self.kvm.vcpus:
+            if v.mode == IN_GUEST_MODE and v.root is sp.root and \
+                    v.tlb.last_flush_t < sp.unlink_t:
+                self._find("pt_freed_before_flush", v.name, sp=sp.id, level=sp.level,
+                           unlinked=sp.unlink_t)
+
+    # ---- roots ------------------------------------------------------------------------------
+
+    def _on_reader_ref_invalid_root(self, root, task: str, **_) -> None:
+        self._find("reader_ref_invalid_root", task, root=root.id)
+
+    def _on_zap_all_fast_done(self, task: str, **_) -> None:
+        arch = self.kvm.arch
+        for root in arch.tdp.roots:
+            if root.invalid:
+                n = count_present(arch.pt, root)
+                if n:
+                    self._find("zap_all_fast_returned_early", task, root=root.id,
+                               present_entries=n)
+
+    def _on_yield(self, task: str, gfn: int, it_id: int, **_) -> None:
+        key = f"{task}:{it_id}"
+        if self._last_yield.get(key) == gfn:
+            self._find("yield_without_progress", task, gfn=gfn)
+        self._last_yield[key] = gfn
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def verdict(self) -> str:
+        return "clean" if not self.findings else f"{len(self.findings)} finding(s)"
+
+
+def _name(v) -> str | None:
+    return getattr(v, "name", None)
+
+
+def count_present(pt, sp) -> int:
+    """Present entries anywhere below (and in) ``sp``."""
+    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
+    n = int(present.sum())
+    if sp.level > 1:
+        leaves = S.leaf_mask(sp.spt, sp.level)
+        import numpy as np
+        for i in np.flatnonzero(present & ~leaves).tolist():
+            child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
+            if child is not None:
+                n += count_present(pt, child)
+    return n
+
+
+def count_leaves(pt, sp, g0: int, g1: int) -> int:
+    """Present leaves of the subtree ``sp`` mapping a gfn in [g0, g1)."""
+    import numpy as np
+    span = S.pages_per_hpage(sp.level)
+    lo = max(0, (g0 - sp.gfn) // span)
+    hi = min(S.SPTE_ENTRIES, -(-(g1 - sp.gfn) // span))
+    if lo >= hi:
+        return 0
+    ents = sp.spt[lo:hi]
+    present = S.present_mask(ents) & (ents != S.U64(S.REMOVED_SPTE))
+    leaves = S.leaf_mask(ents, sp.level) & present
+    n = int(leaves.sum())
+    for i in np.flatnonzero(present & ~leaves).tolist():
+        child = pt.lookup(S.spte_to_pfn(int(ents[i])))
+        if child is not None:
+            n += count_leaves(pt, child, g0, g1)
+    return n

@@ -1,0 +1,325 @@
+"""Fast-mode bulk paths of the MMU, exact with respect to ``exact`` mode.
+
+``run_bulk`` replaces a run of a vCPU's run-loop steps (Vcpu.run) with one ``Bulk``: the
+guest touching consecutive pages of one 1 GiB region (one level-2 table) of a 4 KiB-mapped
+memslot.  Exact mode spends, per page:
+
+* a present leaf with the needed permission, not in the TLB: one step (the access walks,
+  sets A/D, fills the TLB and the PDE cache), cost ``guest_access``;
+* an absent leaf: three steps: the access misses and exits, fault phase 1 (``fault_4k//4``);
+  fault phase 2 maps the page, allocating the 4 KiB table on the region's first fault
+  (``fault_4k - fault_4k//4`` + ``sp_alloc``); the retried access (``guest_access``).
+
+The bulk computes the same sequence for every page the guest will touch before the
+need_resched deadline and applies its effects lazily (see ``Engine.settle``).  Resources:
+the vCPU (requests, guest mode), its CPU (need_resched), mmu_lock (a writer would block
+phase 2), the level-2 table and the existing 4 KiB tables of the region (another task
+reading or writing them).  Anything the bulk does not model exactly stops it before the
+page concerned, and the exact path takes over: huge mappings, a read-only leaf for a write,
+a REMOVED or huge entry, a TLB hit, a stale PDE-cache entry, a missing host PTE, dirty
+logging, a missing level-2 table, an invalidation in progress.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generator
+
+import numpy as np
+
+from ..host.mm import PAGE
+from ..kvm.tlb import TlbEntry
+from ..kvm.vcpu import Fault, TouchGuest
+from ..kvm.vm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
+from ..sim.engine import Bulk
+from . import spte as S
+from .page import ROLE_CR0_WP, make_role
+
+if TYPE_CHECKING:
+    from .x86 import X86Mmu
+
+REGION_SHIFT = 18          # one level-2 table covers 2^18 4 KiB pages (1 GiB)
+U64 = np.uint64
+
+
+class FastPaths:
+    def __init__(self, arch: "X86Mmu"):
+        self.arch = arch
+        self.tdp = arch.tdp
+        self.kvm = arch.kvm
+        arch.fast = self
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def _table(self, root, gfn: int, level: int):
+        """The table at ``level`` on the path to ``gfn`` (None if not all linked)."""
+        pt = self.tdp.pt
+        sp = root
+        while sp.level > level:
+            if sp.bulks:
+                self.kvm.engine.settle(sp)
+            e = int(sp.spt[S.spte_index(gfn, sp.level)])
+            if not S.is_shadow_present_pte(e) or S.is_last_spte(e, sp.level):
+                return None
+            sp = pt.lookup(S.spte_to_pfn(e))
+            if sp is None:
+                return None
+        return sp
+
+    def run_bulk(self, vcpu, th, guest) -> Generator:
+        """One bulk of the vCPU run loop; returns the number of steps done (0: none)."""
+        if not isinstance(guest, TouchGuest):
+            return 0
+        kvm = self.kvm
+        eng = kvm.engine
+        root = vcpu.root
+        lock = kvm.mmu_lock
+        if root is None or root.invalid or vcpu.requests or lock.writer is not None \
+                or lock.queue or kvm.mmu_notifier_count or vcpu.fault is not None:
+            return 0
+        gfn0, write = guest.current()
+        slot = kvm.memslots[0].find(gfn0)
+        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
+                or slot.host_level_pages > 1:
+            return 0
+        l2 = self._table(root, gfn0, 2)
+        if l2 is None:
+            return 0
+        stride = guest.stride
+        region_end = ((gfn0 >> REGION_SHIFT) + 1) << REGION_SHIFT
+        limit = min(region_end, slot.end_gfn)
+        n = min(guest.n - guest.pos, -(-(limit - gfn0) // stride))
+        gfns = gfn0 + stride * np.arange(n, dtype=np.int64)
+        # host PTEs (phase 1 resolves them; a missing one would allocate: exact path)
+        hvas = slot.userspace_addr + (gfns - slot.base_gfn) * PAGE
+        vma = kvm.mm.find_vma(int(hvas[0]))
+        if vma is None:
+            return 0
+        idx = (hvas - vma.start) // PAGE
+        n = _cut(n, idx >= vma.npages)
+        idx = idx[:n]
+        pfns = vma.pte[idx]
+        n = _cut(n, pfns < 0)
+        # TLB entries: a hit is not modelled in bulk
+        tlb = vcpu.tlb
+        lo, hi = int(gfns[0]), int(gfns[n - 1]) + 1 if n else 0
+        in_tlb = [g for g in tlb.entries if lo <= g < hi]
+        if in_tlb:
+            n = _cut(n, np.isin(gfns[:n], np.array(in_tlb, dtype=np.int64)))
+        if n <= 0:
+            return 0
+        gfns, idx = gfns[:n], idx[:n]
+        # leaf tables of the 2 MiB regions touched
+        pdes = (gfns >> 9) & 511
+        leaf_tables: dict[int, object] = {}
+        cur = np.zeros(n, dtype=np.uint64)
+        first_pde = int(pdes[0])
+        for pde in np.unique(pdes).tolist():
+            if l2.bulks:
+                eng.settle(l2)
+            e = int(l2.spt[pde])
+            if e == 0:
+                leaf_tables[pde] = None
+                continue
+            if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
+                n = _cut(n, pdes >= pde) if pde != first_pde else 0
+                break
+            sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
+            if sp.bulks:
+                eng.settle(sp)
+            leaf_tables[pde] = sp
+        if n <= 0:
+            return 0
+        gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
+        # PDE cache entries must point at the current tables
+        for pde, sp in leaf_tables.items():
+            c = tlb.psc_lookup(2, int(gfns[np.argmax(pdes == pde)]))
+            if c is not None and (sp is None or c != sp.pfn):
+                n = _cut(n, pdes >= pde) if n and pde != int(pdes[0]) else 0
+                break
+        if n <= 0:
+            return 0
+        gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
+        # the leaf entries
+        for pde, sp in leaf_tables.items():
+            sel = pdes == pde
+            if sp is not None and sel.any():
+                cur[:n][sel] = sp.spt[gfns[sel] & 511]
+        cur = cur[:n]
+        present = S.present_mask(cur)
+        ok_present = present & ((cur & U64(S.PT_PAGE_SIZE_MASK)) == 0)
+        if write:
+            ok_present &= (cur & U64(S.EPT_W)) != 0
+        odd = (cur != 0) & ~ok_present
+        n = _cut(n, odd)
+        if n <= 0:
+            return 0
+        gfns, idx, pdes, absent = gfns[:n], idx[:n], pdes[:n], ~present[:n]
+        # ---- the step sequence and its costs ----
+        costs = kvm.costs
+        c1 = costs.fault_4k // 4
+        c2 = costs.fault_4k - c1
+        ga = costs.guest_access
+        steps = np.where(absent, 3, 1)
+        first_step = np.concatenate(([0], np.cumsum(steps)[:-1]))
+        total = int(steps.sum())
+        cost = np.full(total, ga, dtype=np.int64)
+        a_idx = first_step[absent]
+        cost[a_idx] = c1
+        cost[a_idx + 1] = c2
+        # the region's first absent page allocates the missing 4 KiB table
+        alloc_page = {}
+        for pde, sp in leaf_tables.items():
+            if sp is None:
+                j = int(np.argmax((pdes == pde) & absent))
+                alloc_page[pde] = j
+                cost[first_step[j] + 1] += costs.sp_alloc
+        # iterations must start before need_resched can turn true
+        room = th.host.sched.need_resched_at(th.cpu) - eng.now
+        cum = np.cumsum(cost)
+        m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
+        if m <= 1:
+            return 0
+        plan = _Plan(self, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
+                     pdes, absent, steps, first_step, write, root)
+        resources = [vcpu, th.cpu, lock, kvm.memslots[0], vma, kvm.host.memory, l2] + \
+            [sp for sp in leaf_tables.values() if sp is not None]
+        k = yield Bulk(cost[:m], plan.apply, resources)
+        return k
+
+
+def _cut(n: int, bad: np.ndarray) -> int:
+    """Length of the prefix of the first n items with no ``bad`` item."""
+    bad = bad[:n]
+    if bad.any():
+        return int(np.argmax(bad))
+    return n
+
+
+class _Plan:
+    """The effects of the first k steps of a populate bulk (Bulk.apply)."""
+
+    def __init__(self, fp, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
+                 pdes, absent, steps, first_step, write, root):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.t0 = fp.kvm.engine.now
+
+    def apply(self, k: int) -> None:
+        fp, vcpu, kvm = self.fp, self.vcpu, self.fp.kvm
+        tdp, pt = fp.tdp, fp.tdp.pt
+        eng = kvm.engine
+        gfns, absent, first_step, steps = self.gfns, self.absent, self.first_step, self.steps
+        done = np.clip(k - first_step, 0, steps)           # steps done per page
+        n = len(gfns)
+        full = done == steps
+        npages = int(np.argmin(full)) if not full.all() else n   # pages fully done (prefix)
+        a_done = absent & (done >= 1)
+        b_done = absent & (done >= 2)
+        # fault phase 1: exits, faults taken, host PTE accessed
+        na = int(a_done.sum())
+        vcpu.stat["exits"] += na
+        vcpu.stat["pf_taken"] += na
+        self.vma.young[self.idx[a_done]] = True
+        # fault phase 2: tables, leaves (mmu_lock read taken and dropped each time)
+        nb = int(b_done.sum())
+        vcpu.stat["pf_fixed"] += nb
+        kvm.mmu_lock.stats_read.acquires += nb
+        role1 = make_role(1, self.slot.as_id, bool(self.root.role & ROLE_CR0_WP))
+        tables = dict(self.leaf_tables)
+        for pde, j in sorted(self.alloc_page.items(), key=lambda x: x[1]):
+            if not b_done[j]:
+                continue
+            g2m = int(gfns[j]) & ~511
+            sp = pt.alloc(g2m, role1, (self.l2, pde))
+            self.l2.spt[pde] = S.make_nonleaf_spte(sp.pfn)
+            self.l2.gens[pde] = 0
+            tdp.pages[sp.id] = sp
+            tables[pde] = sp
+        if nb:
+            vma = self.vma
+            for pde in np.unique(self.pdes[b_done]).tolist():
+                sel = b_done & (self.pdes == pde)
+                sp = tables[pde]
+                ii = gfns[sel] & 511
+                hp = vma.pte[self.idx[sel]]
+                sp.spt[ii] = S.make_4k_sptes(hp, writable=not self.slot.readonly)
+                sp.gens[ii] = vma.pte_gen[self.idx[sel]]
+            kvm.stat["pages_4k"] += nb
+        # accesses (the retried access of a fault, or the one access of a present page)
+        acc = np.zeros(n, dtype=bool)
+        acc[:npages] = True
+        tlb = vcpu.tlb
+        tlb.misses += na + int(acc.sum())
+        pres = acc & ~absent
+        if pres.any():
+            bits = U64(S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if self.write else 0))
+            for pde in np.unique(self.pdes[pres]).tolist():
+                sel = pres & (self.pdes == pde)
+                sp = tables[pde]
+                ii = gfns[sel] & 511
+                sp.spt[ii] |= bits
+        # PDE cache: one fill per region, at the first walk that passes its level-2 entry
+        for pde in np.unique(self.pdes[(done >= 1)]).tolist():
+            sel = np.flatnonzero(self.pdes == pde)
+            j = int(sel[0])
+            if tlb.psc_lookup(2, int(gfns[j])) is not None:
+                continue
+            if self.leaf_tables.get(pde) is not None:
+                walked = done[j] >= 1                  # the first access walked through
+            else:
+                jj = self.alloc_page[pde]
+                walked = done[jj] == 3 or bool(((done[sel] >= 1) & (sel > jj)).any())
+            if walked:
+                tlb.psc_fill(2, int(gfns[j]), tables[pde].pfn)
+        if npages:
+            self._fill_tlb(tlb, npages)
+        self.guest.pos += npages
+        # where the vCPU stands after the last step done
+        if npages < n and done[npages] >= 1:
+            j = npages
+            vcpu.mode = OUTSIDE_GUEST_MODE
+            if done[j] == 1:
+                f = Fault(int(gfns[j]), self.write)
+                f.mmu_seq = kvm.mmu_notifier_seq
+                f.slot = self.slot
+                f.hva = self.slot.gfn_to_hva(int(gfns[j]))
+                f.map_writable = not self.slot.readonly
+                f.pfn = int(self.vma.pte[self.idx[j]])
+                f.gen = int(self.vma.pte_gen[self.idx[j]])
+                f.max_level = 1
+                vcpu.fault = f
+        elif npages:
+            vcpu.mode = IN_GUEST_MODE
+
+    def _fill_tlb(self, tlb, npages: int) -> None:
+        """The TLB after ``npages`` accesses in order (LRU: only the last ``capacity``)."""
+        cap = tlb.capacity
+        keep = npages if cap is None else min(npages, cap)
+        first = npages - keep
+        # access time of page j: start of its last step
+        eng_t0 = self.t0
+        cost_cum = self._cum()
+        vma, idx, gfns = self.vma, self.idx, self.gfns
+        last_step = self.first_step + self.steps - 1
+        for j in range(first, npages):
+            t = eng_t0 + (int(cost_cum[last_step[j] - 1]) if last_step[j] else 0)
+            tlb.fill(int(gfns[j]), TlbEntry(int(vma.pte[idx[j]]), int(vma.pte_gen[idx[j]]),
+                                            not self.slot.readonly, self.write, t, 1))
+
+    def _cum(self):
+        if not hasattr(self, "_cumv"):
+            self._cumv = np.cumsum(self.fp_costs())
+        return self._cumv
+
+    def fp_costs(self):
+        costs = self.fp.kvm.costs
+        c1 = costs.fault_4k // 4
+        c2 = costs.fault_4k - c1
+        total = int(self.steps.sum())
+        cost = np.full(total, costs.guest_access, dtype=np.int64)
+        a_idx = self.first_step[self.absent]
+        cost[a_idx] = c1
+        cost[a_idx + 1] = c2
+        for pde, j in self.alloc_page.items():
+            cost[self.first_step[j] + 1] += costs.sp_alloc
+        return cost

@@ -1,0 +1,150 @@
+"""A VM on a simulated host, ready to script: the building block of the selftest ports,
+the scenario tests and the stateful test.
+
+``VmHarness`` creates the host, one process with a memfd backing region (pre-faulted), the
+VM with the TDP MMU, ``nslots`` memslots from GPA 4 GiB all aliasing that region (like
+max_guest_memory_test), vCPUs, and the checker and monitors.  Threads are then spawned
+with ``spawn_vcpu`` / ``spawn`` and the whole thing run with ``run``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generator
+
+from ..check.monitors import Monitors
+from ..check.oracles import Checker
+from ..costs import CostModel
+from ..host.host import Host, HostConfig
+from ..host.mm import PAGE
+from ..kvm.vcpu import Vcpu
+from ..mmu.fast import FastPaths
+from ..mmu.policy import Policy, preset
+from ..mmu.x86 import create_vm
+from ..sim.strategy import make_strategy
+from ..sim.trace import Trace
+
+GPA_4G_GFN = 1 << 20
+
+
+def run_now(gen: Generator):
+    """Run a generator that must not block (setup ioctls); returns its value."""
+    try:
+        while True:
+            v = next(gen)
+            if not isinstance(v, int):
+                raise RuntimeError(f"setup step blocked ({v!r})")
+    except StopIteration as stop:
+        return stop.value
+
+
+class VmHarness:
+    def __init__(self, *, ncpus: int = 4, nvcpus: int = 2, pages: int = 512, nslots: int = 1,
+                 maxphyaddr: int = 40, granularity: str = "exact", strategy: str = "fifo",
+                 seed: int = 0, policy: Policy | str = "5.18", hugetlb: bool = False,
+                 costs: dict | CostModel | None = None, tlb_capacity: int | None = None,
+                 psc_capacity: int | None = None, second_ns: int = 1_000_000_000,
+                 trace: Trace | None = None, host_config: dict | None = None):
+        costs = costs if isinstance(costs, CostModel) else CostModel(costs or {})
+        self.host = Host(HostConfig(ncpus=ncpus, second_ns=second_ns, **(host_config or {})),
+                         costs, make_strategy(strategy, seed), granularity, trace)
+        self.mm = self.host.mm("vmm")
+        self.pages = pages
+        self.memfd = self.mm.memfd_create(pages, hugetlb=hugetlb)
+        self.hva = self.mm.mmap(pages, self.memfd)
+        self.mm.prefault(self.hva, pages)
+        pol = preset(policy) if isinstance(policy, str) else policy
+        self.kvm = create_vm(self.host, self.mm, pol, maxphyaddr=maxphyaddr)
+        self.arch = self.kvm.arch
+        self.tdp = self.arch.tdp
+        if granularity == "fast":
+            FastPaths(self.arch)
+        self.checker = Checker(self.host, self.kvm)
+        self.monitors = Monitors(self.host, self.kvm)
+        self.vcpus = [Vcpu(self.kvm, i, tlb_capacity, psc_capacity) for i in range(nvcpus)]
+        self.nslots = 0
+        for _ in range(nslots):
+            self.add_slot()
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def slot_gfn(self, k: int) -> int:
+        """First gfn of memslot k (1-based), slots back to back from 4 GiB."""
+        return GPA_4G_GFN + (k - 1) * self.pages
+
+    def add_slot(self, flags: int = 0) -> int:
+        k = self.nslots + 1
+        run_now(self.kvm.set_user_memory_region(None, k, flags, self.slot_gfn(k) * PAGE,
+                                                self.pages * PAGE, self.hva))
+        self.nslots = k
+        return k
+
+    @property
+    def gfn_end(self) -> int:
+        return self.slot_gfn(self.nslots + 1)
+
+    # ---- threads -----------------------------------------------------------------------------
+
+    def spawn_vcpu(self, v: Vcpu, script: Callable[..., Generator], *args, cpu=None):
+        """Run ``script(th, vcpu, *args)`` in the vCPU's thread."""
+        def body(th, *a):
+            v.thread = th
+            yield from script(th, v, *a)
+        return self.host.spawn(body, v.name, *args, cpu=cpu, kind="vcpu")
+
+    def spawn(self, fn: Callable[..., Generator], name: str, *args, cpu=None, kind="kthread"):
+        return self.host.spawn(fn, name, *args, cpu=cpu, kind=kind)
+
+    def run(self, until: int | None = None) -> int:
+        t = self.host.run(until)
+        self.host.finish()
+        return t
+
+    # ---- results -------------------------------------------------------------------------------
+
+    @property
+    def findings(self):
+        return self.checker.findings
+
+    def mapping(self) -> dict:
+        """The logical content of every root: {root index: {gfn: (level, leaf spte)}}.
+
+        Page-table PFNs are left out (they depend on the order of allocations)."""
+        from ..mmu import spte as S
+        out = {}
+        for r_i, root in enumerate(self.tdp.roots):
+            leaves = {}
+            _collect(self.tdp.pt, root, leaves)
+            out[(r_i, root.invalid, root.tdp_mmu_root_count)] = leaves
+        return out
+
+    def shape(self) -> list:
+        """SP headers per root, in tree order, without PFNs."""
+        res = []
+        for root in self.tdp.roots:
+            _shape(self.tdp.pt, root, res)
+        return res
+
+
+def _collect(pt, sp, leaves: dict) -> None:
+    import numpy as np
+    from ..mmu import spte as S
+    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
+    lm = S.leaf_mask(sp.spt, sp.level) & present
+    for i in np.flatnonzero(lm).tolist():
+        leaves[sp.gfn_of(i)] = (sp.level, int(sp.spt[i]), int(sp.gens[i]))
+    for i in np.flatnonzero(present & ~lm).tolist():
+        child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
+        if child is not None:
+            _collect(pt, child, leaves)
+
+
+def _shape(pt, sp, res: list) -> None:
+    import numpy as np
+    from ..mmu import spte as S
+    res.append((sp.level, sp.gfn, sp.invalid, sp.lpage_disallowed))
+    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
+    lm = S.leaf_mask(sp.spt, sp.level) & present
+    for i in np.flatnonzero(present & ~lm).tolist():
+        child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
+        if child is not None:
+            _shape(pt, child, res)
