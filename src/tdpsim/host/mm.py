@@ -94,8 +94,9 @@ class MemFd:
 
 class Vma(Resource):
     """A mapping and its host PTEs.  As a Resource it stands for the PTEs and their accessed
-    bits: a fast-mode bulk faulting through it declares it, and host operations that read
-    or change them settle it first (``Mm._settle``)."""
+    bits: a fast-mode bulk faulting through it declares it, and host operations that change
+    PTEs or read and clear accessed bits settle it first (``Mm._settle``).  Faults and
+    lookups do not: they commute with a bulk's reads of present PTEs and accessed-bit sets."""
 
     __slots__ = ("start", "npages", "memfd", "pgoff", "pte", "pte_gen", "young", "writable")
 
@@ -199,7 +200,8 @@ class Mm:
         v = self.find_vma(hva)
         if v is None:
             raise ValueError(f"{self.name}: no mapping at {hva:#x}")
-        self._settle(v)
+        # no settle: a bulk only reads present PTEs and sets accessed bits, which commutes
+        # with this (a missing PTE is never in a bulk's range)
         i = (hva - v.start) // PAGE
         if v.pte[i] < 0:
             if v.memfd is not None:
@@ -217,15 +219,14 @@ class Mm:
         v = self.find_vma(hva)
         if v is None:
             return None
-        self._settle(v)
         i = (hva - v.start) // PAGE
         return (int(v.pte[i]), int(v.pte_gen[i])) if v.pte[i] >= 0 else None
 
     def prefault(self, hva: int, npages: int) -> None:
         """Touch every page (like the selftest writing one byte per page)."""
         v = self.find_vma(hva)
-        self._settle(v)
         i0 = (hva - v.start) // PAGE
+        self._settle(v, i0, i0 + npages)
         if v.memfd is not None:
             v.memfd.prefault()
             idx = np.arange(v.pgoff + i0, v.pgoff + i0 + npages)
@@ -266,12 +267,14 @@ class Mm:
         v = self.find_vma(hva)
         if v is None or hva + npages * PAGE > v.end:
             raise ValueError(f"{self.name}: range {hva:#x}+{npages} pages is not one mapping")
-        self._settle(v)
-        return v, (hva - v.start) // PAGE
+        i0 = (hva - v.start) // PAGE
+        self._settle(v, i0, i0 + npages)
+        return v, i0
 
-    def _settle(self, v: Vma) -> None:
+    def _settle(self, v: Vma, lo: int | None = None, hi: int | None = None) -> None:
+        """Settle bulks depending on the PTEs [lo, hi) of ``v`` (all if no range)."""
         if v.bulks:
-            self.host.engine.settle(v)
+            self.host.engine.settle(v, lo, hi)
 
     # ---- host-side events (generators run by a host thread) -----------------------------
 

@@ -115,9 +115,9 @@ def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: boo
     else:
         sp, level = root, root.level
     while True:
-        if sp.bulks:
-            settle(sp)
         i = S.spte_index(gfn, level)
+        if sp.bulks:
+            settle(sp, i, i + 1)
         spte = int(sp.spt[i])
         if not S.is_shadow_present_pte(spte):
             return WalkResult(False)

@@ -55,9 +55,10 @@ class FastPaths:
         pt = self.tdp.pt
         sp = root
         while sp.level > level:
+            i = S.spte_index(gfn, sp.level)
             if sp.bulks:
-                self.kvm.engine.settle(sp)
-            e = int(sp.spt[S.spte_index(gfn, sp.level)])
+                self.kvm.engine.settle(sp, i, i + 1)
+            e = int(sp.spt[i])
             if not S.is_shadow_present_pte(e) or S.is_last_spte(e, sp.level):
                 return None
             sp = pt.lookup(S.spte_to_pfn(e))
@@ -97,54 +98,58 @@ class FastPaths:
         idx = (hvas - vma.start) // PAGE
         n = _cut(n, idx >= vma.npages)
         idx = idx[:n]
-        pfns = vma.pte[idx]
+        pfns = vma.pte[idx]       # other bulks never change PTEs: no settle needed
         n = _cut(n, pfns < 0)
         # TLB entries: a hit is not modelled in bulk
         tlb = vcpu.tlb
-        lo, hi = int(gfns[0]), int(gfns[n - 1]) + 1 if n else 0
-        in_tlb = [g for g in tlb.entries if lo <= g < hi]
-        if in_tlb:
-            n = _cut(n, np.isin(gfns[:n], np.array(in_tlb, dtype=np.int64)))
+        if n and tlb.entries and max(tlb.entries) >= int(gfns[0]):
+            lo, hi = int(gfns[0]), int(gfns[n - 1]) + 1
+            in_tlb = [g for g in tlb.entries if lo <= g < hi]
+            if in_tlb:
+                n = _cut(n, np.isin(gfns[:n], np.array(in_tlb, dtype=np.int64)))
         if n <= 0:
             return 0
         gfns, idx = gfns[:n], idx[:n]
-        # leaf tables of the 2 MiB regions touched
+        # leaf tables of the 2 MiB regions touched: pages come in ascending gfn order, so
+        # each PDE is one contiguous segment [seg_lo, seg_hi) of the page arrays
         pdes = (gfns >> 9) & 511
+        seg_pde, seg_lo = np.unique(pdes, return_index=True)
+        seg_hi = np.append(seg_lo[1:], n)
         leaf_tables: dict[int, object] = {}
-        cur = np.zeros(n, dtype=np.uint64)
-        first_pde = int(pdes[0])
-        for pde in np.unique(pdes).tolist():
-            if l2.bulks:
-                eng.settle(l2)
-            e = int(l2.spt[pde])
-            if e == 0:
-                leaf_tables[pde] = None
-                continue
-            if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
-                n = _cut(n, pdes >= pde) if pde != first_pde else 0
+        for s_i, pde in enumerate(seg_pde.tolist()):
+            lo_j, hi_j = int(seg_lo[s_i]), int(seg_hi[s_i])
+            if lo_j >= n:
                 break
-            sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
-            if sp.bulks:
-                eng.settle(sp)
+            if l2.bulks:
+                eng.settle(l2, pde, pde + 1)
+            e = int(l2.spt[pde])
+            sp = None
+            if e != 0:
+                if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
+                    n = lo_j
+                    break
+                sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
+                if sp.bulks:
+                    eng.settle(sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1)
+            # the PDE cache must not point at another table
+            c = tlb.psc_lookup(2, int(gfns[lo_j]))
+            if c is not None and (sp is None or c != sp.pfn):
+                n = lo_j
+                break
             leaf_tables[pde] = sp
         if n <= 0:
             return 0
         gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
-        # PDE cache entries must point at the current tables
-        for pde, sp in leaf_tables.items():
-            c = tlb.psc_lookup(2, int(gfns[np.argmax(pdes == pde)]))
-            if c is not None and (sp is None or c != sp.pfn):
-                n = _cut(n, pdes >= pde) if n and pde != int(pdes[0]) else 0
-                break
-        if n <= 0:
-            return 0
-        gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
+        nseg = len(leaf_tables)
+        seg_pde, seg_lo = seg_pde[:nseg], seg_lo[:nseg]
+        seg_hi = np.minimum(np.append(seg_lo[1:], n), n)
         # the leaf entries
-        for pde, sp in leaf_tables.items():
-            sel = pdes == pde
-            if sp is not None and sel.any():
-                cur[:n][sel] = sp.spt[gfns[sel] & 511]
-        cur = cur[:n]
+        cur = np.zeros(n, dtype=np.uint64)
+        for s_i, pde in enumerate(seg_pde.tolist()):
+            sp = leaf_tables[pde]
+            if sp is not None:
+                lo_j, hi_j = int(seg_lo[s_i]), int(seg_hi[s_i])
+                cur[lo_j:hi_j] = sp.spt[gfns[lo_j:hi_j] & 511]
         present = S.present_mask(cur)
         ok_present = present & ((cur & U64(S.PT_PAGE_SIZE_MASK)) == 0)
         if write:
@@ -154,6 +159,10 @@ class FastPaths:
         if n <= 0:
             return 0
         gfns, idx, pdes, absent = gfns[:n], idx[:n], pdes[:n], ~present[:n]
+        nseg = int(np.searchsorted(seg_lo, n, side="left"))
+        seg_pde, seg_lo = seg_pde[:nseg], seg_lo[:nseg]
+        seg_hi = np.minimum(np.append(seg_lo[1:], n), n)
+        leaf_tables = {p: leaf_tables[p] for p in seg_pde.tolist()}
         # ---- the step sequence and its costs ----
         costs = kvm.costs
         c1 = costs.fault_4k // 4
@@ -166,11 +175,11 @@ class FastPaths:
         a_idx = first_step[absent]
         cost[a_idx] = c1
         cost[a_idx + 1] = c2
-        # the region's first absent page allocates the missing 4 KiB table
+        # the region's first page (all absent: no table) allocates the missing 4 KiB table
         alloc_page = {}
-        for pde, sp in leaf_tables.items():
-            if sp is None:
-                j = int(np.argmax((pdes == pde) & absent))
+        for s_i, pde in enumerate(seg_pde.tolist()):
+            if leaf_tables[pde] is None:
+                j = int(seg_lo[s_i])
                 alloc_page[pde] = j
                 cost[first_step[j] + 1] += costs.sp_alloc
         # iterations must start before need_resched can turn true
@@ -180,11 +189,25 @@ class FastPaths:
         if m <= 1:
             return 0
         plan = _Plan(self, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
-                     pdes, absent, steps, first_step, write, root)
-        resources = [vcpu, th.cpu, lock, kvm.memslots[0], vma, kvm.host.memory, l2] + \
-            [sp for sp in leaf_tables.values() if sp is not None]
+                     pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi,
+                     cost)
+        mp = m_pages(first_step, m)               # pages the bulk reaches
+        im = idx[:mp]
+        resources = [vcpu, th.cpu, lock, kvm.memslots[0], kvm.host.memory,
+                     (vma, int(im.min()), int(im.max()) + 1),
+                     (l2, int(pdes[0]), int(pdes[mp - 1]) + 1)]
+        for s_i, pde in enumerate(seg_pde.tolist()):
+            sp = leaf_tables[pde]
+            lo_j, hi_j = int(seg_lo[s_i]), min(int(seg_hi[s_i]), mp)
+            if sp is not None and lo_j < hi_j:
+                resources.append((sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1))
         k = yield Bulk(cost[:m], plan.apply, resources)
         return k
+
+
+def m_pages(first_step: np.ndarray, m: int) -> int:
+    """Number of pages whose first step is among the first m steps."""
+    return int(np.searchsorted(first_step, m, side="left"))
 
 
 def _cut(n: int, bad: np.ndarray) -> int:
@@ -199,7 +222,7 @@ class _Plan:
     """The effects of the first k steps of a populate bulk (Bulk.apply)."""
 
     def __init__(self, fp, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
-                 pdes, absent, steps, first_step, write, root):
+                 pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi, cost):
         self.__dict__.update(locals())
         del self.__dict__["self"]
         self.t0 = fp.kvm.engine.now
@@ -235,14 +258,17 @@ class _Plan:
             self.l2.gens[pde] = 0
             tdp.pages[sp.id] = sp
             tables[pde] = sp
+        segs = list(zip(self.seg_pde.tolist(), self.seg_lo.tolist(), self.seg_hi.tolist()))
         if nb:
             vma = self.vma
-            for pde in np.unique(self.pdes[b_done]).tolist():
-                sel = b_done & (self.pdes == pde)
+            for pde, lo_j, hi_j in segs:
+                sel = np.flatnonzero(b_done[lo_j:hi_j]) + lo_j
+                if not len(sel):
+                    continue
                 sp = tables[pde]
                 ii = gfns[sel] & 511
-                hp = vma.pte[self.idx[sel]]
-                sp.spt[ii] = S.make_4k_sptes(hp, writable=not self.slot.readonly)
+                sp.spt[ii] = S.make_4k_sptes(vma.pte[self.idx[sel]],
+                                             writable=not self.slot.readonly)
                 sp.gens[ii] = vma.pte_gen[self.idx[sel]]
             kvm.stat["pages_4k"] += nb
         # accesses (the retried access of a fault, or the one access of a present page)
@@ -253,24 +279,21 @@ class _Plan:
         pres = acc & ~absent
         if pres.any():
             bits = U64(S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if self.write else 0))
-            for pde in np.unique(self.pdes[pres]).tolist():
-                sel = pres & (self.pdes == pde)
-                sp = tables[pde]
-                ii = gfns[sel] & 511
-                sp.spt[ii] |= bits
+            for pde, lo_j, hi_j in segs:
+                sel = np.flatnonzero(pres[lo_j:hi_j]) + lo_j
+                if len(sel):
+                    tables[pde].spt[gfns[sel] & 511] |= bits
         # PDE cache: one fill per region, at the first walk that passes its level-2 entry
-        for pde in np.unique(self.pdes[(done >= 1)]).tolist():
-            sel = np.flatnonzero(self.pdes == pde)
-            j = int(sel[0])
-            if tlb.psc_lookup(2, int(gfns[j])) is not None:
+        # (the region's first access if its table existed, else the access retried after
+        # the fault that created it)
+        for pde, lo_j, hi_j in segs:
+            if done[lo_j] < 1:
+                break
+            if tlb.psc_lookup(2, int(gfns[lo_j])) is not None:
                 continue
-            if self.leaf_tables.get(pde) is not None:
-                walked = done[j] >= 1                  # the first access walked through
-            else:
-                jj = self.alloc_page[pde]
-                walked = done[jj] == 3 or bool(((done[sel] >= 1) & (sel > jj)).any())
+            walked = done[lo_j] >= 1 if self.leaf_tables[pde] is not None else done[lo_j] == 3
             if walked:
-                tlb.psc_fill(2, int(gfns[j]), tables[pde].pfn)
+                tlb.psc_fill(2, int(gfns[lo_j]), tables[pde].pfn)
         if npages:
             self._fill_tlb(tlb, npages)
         self.guest.pos += npages
@@ -298,28 +321,10 @@ class _Plan:
         first = npages - keep
         # access time of page j: start of its last step
         eng_t0 = self.t0
-        cost_cum = self._cum()
+        cost_cum = np.cumsum(self.cost)
         vma, idx, gfns = self.vma, self.idx, self.gfns
         last_step = self.first_step + self.steps - 1
         for j in range(first, npages):
             t = eng_t0 + (int(cost_cum[last_step[j] - 1]) if last_step[j] else 0)
             tlb.fill(int(gfns[j]), TlbEntry(int(vma.pte[idx[j]]), int(vma.pte_gen[idx[j]]),
                                             not self.slot.readonly, self.write, t, 1))
-
-    def _cum(self):
-        if not hasattr(self, "_cumv"):
-            self._cumv = np.cumsum(self.fp_costs())
-        return self._cumv
-
-    def fp_costs(self):
-        costs = self.fp.kvm.costs
-        c1 = costs.fault_4k // 4
-        c2 = costs.fault_4k - c1
-        total = int(self.steps.sum())
-        cost = np.full(total, costs.guest_access, dtype=np.int64)
-        a_idx = self.first_step[self.absent]
-        cost[a_idx] = c1
-        cost[a_idx + 1] = c2
-        for pde, j in self.alloc_page.items():
-            cost[self.first_step[j] + 1] += costs.sp_alloc
-        return cost

@@ -48,8 +48,8 @@ class TdpIter:
 
     def _read(self) -> None:
         sp = self.sp
-        if sp.bulks:      # a fast-mode bulk may be writing this table: settle it first
-            self.pt.host.engine.settle(sp)
+        if sp.bulks:      # a fast-mode bulk may be writing this entry: settle it first
+            self.pt.host.engine.settle(sp, self.index, self.index + 1)
         if sp.freed:
             # reading a freed table: poison looks like present leaves, so say it here
             self.pt.host.report("use_after_free", None, pfn=sp.pfn,

@@ -65,10 +65,14 @@ class TdpMmu:
         """A kernel WARN_ON(_ONCE) fired: reported as a finding by the check layer."""
         self.host.report("warn", th, warn=name, **details)
 
-    def touch(self, sp: ShadowPage) -> None:
-        """Settle fast-mode bulks writing into ``sp`` before reading or writing it."""
+    def touch(self, sp: ShadowPage, index: int | None = None) -> None:
+        """Settle fast-mode bulks writing into ``sp`` (entry ``index`` only, if given)
+        before reading or writing it."""
         if sp.bulks:
-            self.engine.settle(sp)
+            if index is None:
+                self.engine.settle(sp)
+            else:
+                self.engine.settle(sp, index, index + 1)
 
     # ---- roots ----------------------------------------------------------------------------
 
@@ -207,11 +211,11 @@ class TdpMmu:
     # ---- SPTE updates ------------------------------------------------------------------------
 
     def tdp_mmu_set_spte_atomic(self, th: "Thread", it: TdpIter, new: int,
-                                gen: int = 0) -> Generator:
+                                gen: int | None = None) -> Generator:
         """tdp_mmu_set_spte_atomic: cmpxchg under mmu_lock read.  On a lost race refreshes
         ``it.old_spte`` and returns False; on success runs the change bookkeeping."""
         sp, i = it.sp, it.index
-        self.touch(sp)
+        self.touch(sp, i)
         if self.policy.removed_spte_checks and (it.yielded or S.is_removed_spte(it.old_spte)):
             self.warn("set_spte_atomic_on_removed_or_yielded", th, gfn=it.gfn, level=it.level)
             return False
@@ -225,7 +229,8 @@ class TdpMmu:
             self.host.report("invalid_root_gains_spte", th, root=sp.root.id, gfn=it.gfn)
         old, old_gen = cur, int(sp.gens[i])
         sp.spt[i] = new
-        sp.gens[i] = gen
+        # a frozen entry keeps the generation of the page its old value mapped
+        sp.gens[i] = gen if gen is not None else (old_gen if new == S.REMOVED_SPTE else 0)
         yield from self.__handle_changed_spte(th, it.as_id, it.gfn, old, new, it.level, True,
                                               old_gen)
         self.handle_changed_spte_acc_track(th, old, new, it.level, old_gen)
@@ -242,7 +247,7 @@ class TdpMmu:
         yield from self.kvm.flush_remote_tlbs_with_address(th, it.gfn,
                                                            S.pages_per_hpage(it.level))
         del self.frozen[key]
-        self.touch(it.sp)
+        self.touch(it.sp, it.index)
         it.sp.spt[it.index] = 0        # only the freezer writes the final value
         return True
 
@@ -546,7 +551,7 @@ class TdpMmu:
             self.warn("zap_sp_on_root", th, sp=sp.id)
             return False
         parent, index = sp.ptep
-        self.touch(parent)
+        self.touch(parent, index)
         old = int(parent.spt[index])
         if not S.is_shadow_present_pte(old):
             self.warn("zap_sp_parent_not_present", th, sp=sp.id)

@@ -42,7 +42,6 @@ def _leaves_in(mmu: "TdpMmu", root, start: int, end: int):
     """Present leaves of ``root`` in [start, end), as position snapshots (no yielding)."""
     it = TdpIter(mmu.pt, root, S.PG_LEVEL_4K, start)
     while it.valid and it.gfn < end:
-        mmu.touch(it.sp)
         if S.is_shadow_present_pte(it.old_spte) and S.is_last_spte(it.old_spte, it.level):
             yield _Pos(it)
         it.next()
@@ -128,7 +127,7 @@ def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
-            mmu.touch(it.sp)
+            mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or \
                     not S.is_last_spte(it.old_spte, it.level) or \
                     not S.is_writable_pte(it.old_spte):
@@ -160,7 +159,7 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
-            mmu.touch(it.sp)
+            mmu.touch(it.sp, it.index)
             while True:     # retry loop
                 if not S.is_shadow_present_pte(it.old_spte) or \
                         not S.is_last_spte(it.old_spte, it.level) or \
@@ -234,7 +233,7 @@ def kvm_tdp_mmu_try_split_huge_pages(mmu: "TdpMmu", th: "Thread", slot, start: i
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, shared)):
                 it.next()
                 continue
-            mmu.touch(it.sp)
+            mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or not S.is_large_pte(it.old_spte):
                 it.next()
                 continue

@@ -84,9 +84,13 @@ class Bulk:
 
     ``costs`` are the iterations' durations in ns (each >= 1); iteration i starts at
     ``t0 + sum(costs[:i])``.  ``apply(k)`` performs the first k iterations' effects.  The task
-    is resumed with the number of iterations done, at the start of the first not done."""
+    is resumed with the number of iterations done, at the start of the first not done.
 
-    __slots__ = ("cum", "apply", "resources", "task", "t0", "n")
+    ``resources`` are Resources, or ``(resource, lo, hi)`` when the loop depends only on the
+    keys [lo, hi) of it (table entries, pages): ``settle(resource, lo, hi)`` then leaves the
+    bulk alone unless the ranges overlap."""
+
+    __slots__ = ("cum", "apply", "resources", "ranges", "task", "t0", "n")
 
     def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource]):
         if isinstance(costs, tuple):  # (n, uniform cost)
@@ -98,7 +102,14 @@ class Bulk:
         if self.n == 0:
             raise ValueError("empty bulk")
         self.apply = apply
-        self.resources = tuple(resources)
+        res, ranges = [], {}
+        for r in resources:
+            if isinstance(r, tuple):
+                r, lo, hi = r
+                ranges[id(r)] = (lo, hi)
+            res.append(r)
+        self.resources = tuple(res)
+        self.ranges = ranges
         self.task: Task | None = None
         self.t0 = 0
 
@@ -320,11 +331,16 @@ class Engine:
         bulk.task.bulk = None
         bulk.task._entry = None
 
-    def settle(self, resource: Resource) -> None:
-        """Apply pending bulk iterations that depend on ``resource`` up to the current event.
+    def settle(self, resource: Resource, lo: int | None = None, hi: int | None = None) -> None:
+        """Apply pending bulk iterations that depend on ``resource`` (on its keys [lo, hi)
+        if given) up to the current event.
 
         Must be called before the current event reads or changes what those bulks depend on."""
         for bulk in list(resource.bulks):
+            if lo is not None:
+                rng = bulk.ranges.get(id(resource))
+                if rng is not None and (hi <= rng[0] or rng[1] <= lo):
+                    continue
             self._settle(bulk)
 
     def _settle(self, bulk: Bulk) -> None:
