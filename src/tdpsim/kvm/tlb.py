@@ -30,15 +30,16 @@ if TYPE_CHECKING:
 
 
 class TlbEntry:
-    __slots__ = ("pfn", "gen", "writable", "dirty", "fill_t", "level")
+    __slots__ = ("pfn", "gen", "writable", "dirty", "fill_t", "level", "executable")
 
-    def __init__(self, pfn, gen, writable, dirty, fill_t, level):
+    def __init__(self, pfn, gen, writable, dirty, fill_t, level, executable=True):
         self.pfn = pfn
         self.gen = gen
         self.writable = writable
         self.dirty = dirty
         self.fill_t = fill_t
         self.level = level
+        self.executable = executable
 
 
 class Tlb:
@@ -88,18 +89,21 @@ class Tlb:
 
 class WalkResult:
     """Outcome of a hardware walk: ``ok`` with the translation, or an EPT violation."""
-    __slots__ = ("ok", "pfn", "gen", "level", "writable", "freed_table")
+    __slots__ = ("ok", "pfn", "gen", "level", "writable", "executable", "freed_table")
 
-    def __init__(self, ok, pfn=0, gen=0, level=1, writable=False, freed_table=None):
+    def __init__(self, ok, pfn=0, gen=0, level=1, writable=False, freed_table=None,
+                 executable=True):
         self.ok = ok
         self.pfn = pfn
         self.gen = gen
         self.level = level
         self.writable = writable
+        self.executable = executable
         self.freed_table = freed_table   # (pfn, where) if the walk read a freed table
 
 
-def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool) -> WalkResult:
+def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool,
+            exe: bool = False) -> WalkResult:
     """The CPU's EPT walk for ``gfn``, starting at the cached PDE if there is one.
 
     On success sets A (and D for a write) in the leaf SPTE and fills the PDE cache (the
@@ -122,7 +126,7 @@ def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: boo
         if not S.is_shadow_present_pte(spte):
             return WalkResult(False)
         if S.is_last_spte(spte, level):
-            if write and not spte & S.EPT_W:
+            if (write and not spte & S.EPT_W) or (exe and not spte & S.EPT_X):
                 return WalkResult(False)
             new = spte | S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if write else 0)
             if new != spte:
@@ -130,7 +134,8 @@ def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: boo
             base = S.spte_to_pfn(spte)
             off = gfn & (S.pages_per_hpage(level) - 1)
             gen = int(sp.gens[i])
-            return WalkResult(True, base + off, gen, level, bool(spte & S.EPT_W))
+            return WalkResult(True, base + off, gen, level, bool(spte & S.EPT_W),
+                              executable=bool(spte & S.EPT_X))
         child_pfn = S.spte_to_pfn(spte)
         child = pt.lookup(child_pfn)
         if child is None:

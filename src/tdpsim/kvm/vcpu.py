@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 class Fault:
     """``struct kvm_page_fault`` (the parts the TDP MMU uses)."""
-    __slots__ = ("gfn", "write", "slot", "hva", "pfn", "gen", "mmu_seq", "max_level",
+    __slots__ = ("gfn", "write", "exec", "slot", "hva", "pfn", "gen", "mmu_seq", "max_level",
                  "goal_level", "map_writable", "huge_page_disallowed", "req_level")
 
     def __init__(self, gfn: int, write: bool):
         self.gfn = gfn
         self.write = write
+        self.exec = False
         self.slot = None
         self.hva = 0
         self.pfn = -1
@@ -55,17 +56,18 @@ class Fault:
 
 
 class Guest:
-    """Guest code: a list of accesses ``(gfn, write)`` run in order, then UCALL_DONE."""
+    """Guest code: accesses ``(gfn, write)`` or ``(gfn, write, exec)`` run in order, then
+    UCALL_DONE."""
 
     def __init__(self, accesses):
-        self.accesses = list(accesses)
+        self.accesses = [a if len(a) == 3 else (a[0], a[1], False) for a in accesses]
         self.pos = 0
 
     @property
     def done(self) -> bool:
         return self.pos >= len(self.accesses)
 
-    def current(self) -> tuple[int, bool]:
+    def current(self) -> tuple[int, bool, bool]:
         return self.accesses[self.pos]
 
     def advance(self) -> None:
@@ -86,8 +88,8 @@ class TouchGuest(Guest):
     def done(self) -> bool:
         return self.pos >= self.n
 
-    def current(self) -> tuple[int, bool]:
-        return self.start + self.pos * self.stride, self.write
+    def current(self) -> tuple[int, bool, bool]:
+        return self.start + self.pos * self.stride, self.write, False
 
 
 class Vcpu(Resource):
@@ -171,8 +173,10 @@ class Vcpu(Resource):
                 yield from self._fault_phase2(th, guest)
                 continue
             self._enter_guest()
-            gfn, write = guest.current()
-            if self._access(gfn, write):
+            acc = guest.current()          # (gfn, write) or (gfn, write, exec)
+            gfn, write = acc[0], acc[1]
+            exe = len(acc) > 2 and acc[2]
+            if self._access(gfn, write, exe):
                 guest.advance()
                 yield costs.guest_access
                 if self.mode == EXITING_GUEST_MODE:
@@ -187,7 +191,7 @@ class Vcpu(Resource):
                 yield costs.fault_4k
                 continue
             self.stat["pf_taken"] += 1
-            self._fault_phase1(gfn, write)
+            self._fault_phase1(gfn, write, exe)
             if self.fault.slot.invalid:
                 # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY before mmu_lock
                 self.fault = None
@@ -195,12 +199,12 @@ class Vcpu(Resource):
             yield costs.fault_4k // 4
         self._exit_guest()
 
-    def _access(self, gfn: int, write: bool) -> bool:
+    def _access(self, gfn: int, write: bool, exe: bool = False) -> bool:
         """One guest access in guest mode: TLB, else a hardware walk.  False: EPT violation."""
         kvm = self.kvm
         tlb = self.tlb
         e = tlb.lookup(gfn)
-        if e is not None and (not write or e.dirty):
+        if e is not None and (not write or e.dirty) and (not exe or e.executable):
             tlb.hits += 1
             if kvm.observers:
                 kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=e.pfn, gen=e.gen,
@@ -209,7 +213,7 @@ class Vcpu(Resource):
         tlb.misses += 1
         if self.root is None:
             return False
-        r = hw_walk(kvm.arch.pt, self.root, tlb, gfn, write)
+        r = hw_walk(kvm.arch.pt, self.root, tlb, gfn, write, exe)
         if r.freed_table is not None:
             kvm.host.report("use_after_free", self.thread, pfn=r.freed_table[0],
                             what=f"hardware walk through {r.freed_table[1]}", reused=False,
@@ -221,16 +225,19 @@ class Vcpu(Resource):
         if not r.ok:
             return False
         now = kvm.engine.now
-        tlb.fill(gfn, TlbEntry(r.pfn, r.gen, r.writable, write, now, r.level))
+        tlb.fill(gfn, TlbEntry(r.pfn, r.gen, r.writable, write, now, r.level, r.executable))
         if kvm.observers:
             kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=r.pfn, gen=r.gen, fill_t=now,
                         tlb=False, write=write, t=now)
         return True
 
-    def _fault_phase1(self, gfn: int, write: bool) -> None:
+    def _fault_phase1(self, gfn: int, write: bool, exe: bool = False) -> None:
         """kvm_tdp_page_fault up to kvm_faultin_pfn: seq snapshot, memslot, pfn."""
         kvm = self.kvm
         f = Fault(gfn, write)
+        f.exec = exe
+        # the NX huge page mitigation: no huge page for an instruction fetch
+        f.huge_page_disallowed = exe and kvm.arch.nx_huge_pages
         f.mmu_seq = kvm.mmu_notifier_seq
         slot = kvm.memslots[0].find(gfn)
         f.slot = slot

@@ -77,7 +77,7 @@ class FastPaths:
         if root is None or root.invalid or vcpu.requests or lock.writer is not None \
                 or lock.queue or kvm.mmu_notifier_count or vcpu.fault is not None:
             return 0
-        gfn0, write = guest.current()
+        gfn0, write = guest.current()[:2]
         slot = kvm.memslots[0].find(gfn0)
         if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
                 or slot.host_level_pages > 1:

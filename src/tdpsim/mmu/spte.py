@@ -104,14 +104,16 @@ def make_nonleaf_spte(child_pfn: int) -> int:
 
 
 def make_spte(pfn: int, level: int, writable: bool, host_writable: bool = True,
-              prefetch: bool = False) -> int:
+              prefetch: bool = False, executable: bool = True) -> int:
     """A leaf SPTE for guest memory (make_spte, TDP flavour).
 
     Accessed is set unless it is a prefetch; a writable SPTE is made Dirty at once (as
     make_spte does with spte_shadow_dirty_mask), so zapping it writes the dirty bit back to
     the host page.  Invariants: host-writable clear => W clear and
     MMU-writable clear; MMU-writable set => host-writable set."""
-    spte = EPT_R | EPT_X | EPT_MT_WB | EPT_IPAT | SPTE_MMU_PRESENT_MASK | (pfn << PFN_SHIFT)
+    spte = EPT_R | EPT_MT_WB | EPT_IPAT | SPTE_MMU_PRESENT_MASK | (pfn << PFN_SHIFT)
+    if executable:
+        spte |= EPT_X
     if level > PG_LEVEL_4K:
         spte |= PT_PAGE_SIZE_MASK
     if not prefetch:

@@ -104,7 +104,10 @@ def tdp_mmu_map_handle_target_level(mmu: "TdpMmu", vcpu: "Vcpu", th: "Thread",
     """tdp_mmu_map_handle_target_level: make the leaf SPTE and cmpxchg it in."""
     level = it.level
     pfn = fault.pfn & ~(S.pages_per_hpage(level) - 1) if level > 1 else fault.pfn
-    new = S.make_spte(pfn, level, writable=fault.map_writable)
+    # NX huge pages: huge mappings are not executable, so an instruction fetch faults and
+    # is mapped small (make_spte clears ACC_EXEC_MASK above 4K)
+    executable = not (level > S.PG_LEVEL_4K and mmu.kvm.arch.nx_huge_pages)
+    new = S.make_spte(pfn, level, writable=fault.map_writable, executable=executable)
     if new == it.old_spte:
         return RET_PF_SPURIOUS
     replaced_table = S.is_shadow_present_pte(it.old_spte) and \

@@ -31,7 +31,11 @@ class X86Mmu:
         self.pt = self.tdp.pt
         self.mmu_valid_gen = 0
         self.eager_page_split = True
+        #: the NX huge page mitigation (module parameter nx_huge_pages)
         self.nx_huge_pages = False
+        self.nx_huge_pages_recovery_ratio = 60
+        self.nx_huge_pages_recovery_period_ms = 0
+        self.nx_recovery_thread = None
         self.fast = None       # set by tdpsim.mmu.fast when fast paths are installed
 
     # ---- roots (called from the vCPU run loop) ----------------------------------------------
@@ -175,6 +179,71 @@ class X86Mmu:
         kvm.mmu_lock.read_unlock(th)
         if changed:
             yield from kvm.flush_remote_tlbs(th)   # kvm_arch_flush_remote_tlbs_memslot
+
+    # ---- NX huge page recovery ------------------------------------------------------------
+
+    def nx_recovery_period_ns(self) -> int | None:
+        """get_nx_lpage_recovery_timeout: the period, or 3600 s / ratio when it is 0."""
+        if self.nx_huge_pages_recovery_period_ms:
+            return self.nx_huge_pages_recovery_period_ms * 1_000_000
+        ratio = self.nx_huge_pages_recovery_ratio
+        if not ratio:
+            return None
+        return 3_600_000 // min(ratio, 3600) * 1_000_000
+
+    def start_nx_recovery(self) -> None:
+        """kvm_mmu_post_init_vm: start the per-VM recovery kthread (a daemon)."""
+        self.nx_recovery_thread = self.kvm.host.spawn(self.kvm_nx_lpage_recovery_worker,
+                                                      f"kvm-nx-lpage-recovery/{self.kvm.name}",
+                                                      kind="daemon")
+
+    def kvm_nx_lpage_recovery_worker(self, th: "Thread") -> Generator:
+        """kvm_nx_lpage_recovery_worker: sleep one period, recover, repeat until the VM dies."""
+        while not self.kvm.dead:
+            period = self.nx_recovery_period_ns()
+            if period is None:
+                return
+            yield from self.kvm.host.sched.sleep(th, period)
+            if self.kvm.dead:
+                return
+            if self.nx_huge_pages:
+                yield from self.kvm_recover_nx_lpages(th)
+
+    def kvm_recover_nx_lpages(self, th: "Thread") -> Generator:
+        """kvm_recover_nx_lpages (5.18): zap ceil(splits / ratio) SPs from the head of the NX
+        list, each precisely through its parent entry, holding RCU across the loop so the
+        flush done at a yield (or at the end) comes before the SPs can be freed."""
+        kvm, tdp, host = self.kvm, self.tdp, self.kvm.host
+        rcu = host.rcu
+        splits = kvm.stat["nx_lpage_splits"]          # read before taking the locks
+        ratio = self.nx_huge_pages_recovery_ratio
+        doing, th.doing = th.doing, "kvm_recover_nx_lpages"
+        yield from kvm.mmu_lock.write_lock(th)
+        rcu.read_lock(th)
+        to_zap = -(-splits // ratio) if ratio else 0
+        flush = False
+        for _ in range(to_zap):
+            if not tdp.lpage_disallowed:
+                break
+            sp = next(iter(tdp.lpage_disallowed.values()))
+            if not sp.lpage_disallowed:
+                tdp.warn("nx_list_sp_not_disallowed", th, sp=sp.id)
+            flush |= yield from tdp.kvm_tdp_mmu_zap_sp(th, sp)
+            if sp.lpage_disallowed:
+                tdp.warn("nx_sp_still_disallowed_after_zap", th, sp=sp.id)
+            if host.sched.need_resched(th) or kvm.mmu_lock.needbreak():
+                if flush:
+                    yield from kvm.flush_remote_tlbs(th)
+                rcu.read_unlock(th)
+                yield from tdp.cond_resched_rwlock(th, shared=False)
+                flush = False
+                rcu.read_lock(th)
+        if flush:
+            yield from kvm.flush_remote_tlbs(th)
+        rcu.read_unlock(th)
+        kvm.mmu_lock.write_unlock(th)
+        th.doing = doing
+        kvm.observe("nx_recovery", t=kvm.engine.now, zapped=to_zap)
 
     def destroy(self, th: "Thread") -> Generator:
         """kvm_arch_destroy_vm: every vCPU unloads its MMU (kvm_destroy_vcpus ->

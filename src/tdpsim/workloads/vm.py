@@ -43,7 +43,8 @@ class VmHarness:
                  seed: int = 0, policy: Policy | str = "5.18", hugetlb: bool = False,
                  costs: dict | CostModel | None = None, tlb_capacity: int | None = None,
                  psc_capacity: int | None = None, second_ns: int = 1_000_000_000,
-                 trace: Trace | None = None, host_config: dict | None = None):
+                 trace: Trace | None = None, host_config: dict | None = None,
+                 nx_huge_pages: bool = False, nx_recovery_period_ms: int = 0):
         costs = costs if isinstance(costs, CostModel) else CostModel(costs or {})
         self.host = Host(HostConfig(ncpus=ncpus, second_ns=second_ns, **(host_config or {})),
                          costs, make_strategy(strategy, seed), granularity, trace)
@@ -58,6 +59,10 @@ class VmHarness:
         self.tdp = self.arch.tdp
         if granularity == "fast":
             FastPaths(self.arch)
+        if nx_huge_pages:
+            self.arch.nx_huge_pages = True
+            self.arch.nx_huge_pages_recovery_period_ms = nx_recovery_period_ms
+            self.arch.start_nx_recovery()
         self.checker = Checker(self.host, self.kvm)
         self.monitors = Monitors(self.host, self.kvm)
         self.vcpus = [Vcpu(self.kvm, i, tlb_capacity, psc_capacity) for i in range(nvcpus)]
