@@ -12,6 +12,7 @@ the root at ``next_last_level_gfn``.  Forward progress: a yield is only allowed 
 
 from __future__ import annotations
 
+from itertools import count
 from typing import TYPE_CHECKING
 
 from .spte import (SPTE_ENTRIES, is_last_spte, is_shadow_present_pte, pages_per_hpage,
@@ -27,9 +28,12 @@ class TdpIter:
 
     __slots__ = ("pt", "next_last_level_gfn", "yielded_gfn", "pt_path", "sp", "index", "gfn",
                  "root_level", "min_level", "level", "as_id", "old_spte", "valid", "yielded",
-                 "root")
+                 "root", "serial")
+
+    _serials = count()
 
     def __init__(self, pt: "PageTables", root: "ShadowPage", min_level: int, start: int):
+        self.serial = next(TdpIter._serials)   # identifies one walk (for the progress oracle)
         self.pt = pt
         self.root = root
         self.pt_path: list = [None] * (root.level + 1)

@@ -442,7 +442,7 @@ class TdpMmu:
         if it.gfn > it.next_last_level_gfn:
             self.warn("cond_resched_gfn_past_next", th)
         it.yielded = True
-        kvm.observe("yield", task=th.name, gfn=it.next_last_level_gfn, it_id=id(it),
+        kvm.observe("yield", task=th.name, gfn=it.next_last_level_gfn, it_id=it.serial,
                     t=self.engine.now)
         return True
 
