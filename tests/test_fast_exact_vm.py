@@ -2,8 +2,9 @@
 
 Each scenario: vCPUs populate their chunk (chunk edges fall inside 2 MiB regions, so
 neighbours share tables), reset their MMU context and populate again, while a host thread
-interferes at random times: madvise(MADV_DONTNEED) and munmap-like invalidations, page
-aging, a memslot deletion (fast zap), and CR0.WP resets.  Small TLB and PDE-cache
+interferes at random times: madvise(MADV_DONTNEED) invalidations (leaf-zap bulks), page
+aging, enabling dirty logging (write-protect bulks), clear-dirty passes, a memslot deletion
+(fast zap), and CR0.WP resets.  Small TLB and PDE-cache
 capacities exercise eviction.  Statistics, per-vCPU counters, the logical page-table
 content, TLB and PDE-cache contents, lock counters and the oracle verdict must be identical.
 """
@@ -13,7 +14,9 @@ import random
 import pytest
 
 from tdpsim.host.mm import PAGE
+from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from tdpsim.kvm.vcpu import TouchGuest
+from tdpsim.mmu.tdp_ops import kvm_tdp_mmu_clear_dirty_slot
 from tdpsim.workloads.vm import VmHarness
 
 
@@ -41,7 +44,8 @@ def scenario(granularity: str, seed: int) -> tuple[dict, int]:
 
     events = []
     for _ in range(rng.randint(0, 4)):
-        kind = rng.choice(["dontneed", "age", "delete"] if nslots > 1 else ["dontneed", "age"])
+        kinds = ["dontneed", "age", "dirty_log", "clear_dirty"] + (["delete"] if nslots > 1 else [])
+        kind = rng.choice(kinds)
         events.append((rng.randint(1_000, 3_000_000), kind, rng.randrange(pages),
                        rng.randint(1, 64)))
     events.sort()
@@ -58,6 +62,17 @@ def scenario(granularity: str, seed: int) -> tuple[dict, int]:
                 h.mm.prefault(h.hva + pg * PAGE, n)    # the VMM touches it again
             elif kind == "age":
                 yield from h.mm.age(th, h.hva + pg * PAGE, min(n, 8), flush=bool(pg % 2))
+            elif kind == "dirty_log":          # write-protects the slot (leaf bulks)
+                slot = h.kvm.memslots[0].by_id.get(1)
+                if slot is not None and not slot.dirty_logging:
+                    yield from h.kvm.set_user_memory_region(
+                        th, 1, KVM_MEM_LOG_DIRTY_PAGES, h.slot_gfn(1) * PAGE, pages * PAGE, h.hva)
+            elif kind == "clear_dirty":
+                slot = h.kvm.memslots[0].by_id.get(1)
+                if slot is not None:
+                    yield from h.kvm.mmu_lock.read_lock(th)
+                    yield from kvm_tdp_mmu_clear_dirty_slot(h.tdp, th, slot)
+                    h.kvm.mmu_lock.read_unlock(th)
             elif kind == "delete" and not deleted:
                 deleted = True
                 yield from h.kvm.set_user_memory_region(th, nslots, 0,

@@ -328,3 +328,96 @@ class _Plan:
             t = eng_t0 + (int(cost_cum[last_step[j] - 1]) if last_step[j] else 0)
             tlb.fill(int(gfns[j]), TlbEntry(int(vma.pte[idx[j]]), int(vma.pte_gen[idx[j]]),
                                             not self.slot.readonly, self.write, t, 1))
+
+
+# ---- leaf-table bulks: zap leaves, write-protect, clear dirty --------------------------
+
+LEAF_OPS = ("zap", "wrprot", "clear_dirty")
+
+
+def leaf_table_bulk(tdp, th, it, end: int, op: str, shared: bool) -> Generator:
+    """Process the rest of the 4 KiB table the iterator is in, as exact mode would one
+    entry at a time (``tdp_mmu_zap_leafs``, ``kvm_tdp_mmu_wrprot_slot``,
+    ``kvm_tdp_mmu_clear_dirty_slot``), and leave the iterator on the last entry done.
+
+    Called right after the yield check passed for the current entry.  Returns (entries
+    done, whether any SPTE changed); (0, False) when a bulk does not apply."""
+    kvm = tdp.kvm
+    eng = kvm.engine
+    sched = kvm.host.sched
+    lock = kvm.mmu_lock
+    if not eng.fast or it.level != 1 or it.yielded or sched.need_resched(th) \
+            or lock.needbreak():
+        return 0, False
+    sp = it.sp
+    i0 = it.index
+    j = min(512, i0 + (end - it.gfn))
+    if j - i0 < 2 or tdp.frozen:
+        return 0, False
+    if sp.bulks:
+        eng.settle(sp, i0, j)
+    ents = sp.spt[i0:j]
+    if (ents == U64(S.REMOVED_SPTE)).any() or sp.freed:
+        return 0, False
+    present = S.present_mask(ents)
+    if op == "zap":
+        target = present
+    elif op == "wrprot":
+        target = present & ((ents & U64(S.EPT_W)) != 0)
+    else:
+        target = present & ((ents & U64(S.SHADOW_DIRTY)) != 0)
+    costs = kvm.costs
+    cost = np.full(j - i0, costs.spte_visit, dtype=np.int64)
+    if op == "zap":
+        cost[target] += costs.spte_zap_4k
+    room = sched.need_resched_at(th.cpu) - eng.now
+    cum = np.cumsum(cost)
+    m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
+    if m < 2:
+        return 0, False
+    target_m = target[:m]
+    changed = bool(target_m.any())
+    gfn0 = it.gfn
+
+    def apply(k: int) -> None:
+        t = np.flatnonzero(target[:k]) + i0
+        if not len(t):
+            return
+        old = sp.spt[t].copy()
+        gens = sp.gens[t].copy()
+        if op == "zap":
+            sp.spt[t] = U64(0)
+            kvm.stat["pages_4k"] -= len(t)
+            _write_backs(tdp, th, old, gens)
+        elif op == "wrprot":
+            sp.spt[t] = old & ~U64(S.EPT_W)
+        else:
+            sp.spt[t] = old & ~U64(S.SHADOW_DIRTY)
+
+    k = yield Bulk(cost[:m], apply, [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)])
+    # leave the iterator on the last entry done, as k-1 side steps would have
+    last = i0 + k - 1
+    it.index = last
+    it.gfn = gfn0 + (k - 1)
+    it.next_last_level_gfn = it.gfn
+    it.old_spte = int(sp.spt[last])
+    return k, bool(target[:k].any())
+
+
+def _write_backs(tdp, th, old: np.ndarray, gens: np.ndarray) -> None:
+    """The A/D write-backs of zapped leaves, reported as exact mode reports them: per entry,
+    the dirty write-back then the accessed one."""
+    mem = tdp.host.memory
+    pfns = S.pfns_of(old)
+    ok = (pfns > 0) & (pfns < len(mem.state))
+    live = np.zeros(len(pfns), dtype=bool)
+    live[ok] = (mem.state[pfns[ok]] == 1) & (mem.gen[pfns[ok]] == gens[ok])
+    if live.all():
+        return
+    dirty = (old & U64(S.SHADOW_DIRTY)) != 0
+    acc = (old & U64(S.SHADOW_ACCESSED)) != 0
+    for e in np.flatnonzero(~live).tolist():
+        if dirty[e]:
+            mem.write_back(int(pfns[e]), int(gens[e]), th, "dirty")
+        if acc[e]:
+            mem.write_back(int(pfns[e]), int(gens[e]), th, "accessed")

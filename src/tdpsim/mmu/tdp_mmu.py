@@ -25,6 +25,12 @@ from .page import ROLE_INVALID, PageTables, ShadowPage, make_role
 from .policy import Policy
 from .tdp_iter import TdpIter
 
+
+def leaf_table_bulk(*args):
+    """Imported lazily (fast.py imports this module's neighbours)."""
+    from .fast import leaf_table_bulk as f
+    return f(*args)
+
 if TYPE_CHECKING:
     from ..host.sched import Thread
     from ..kvm.vm import Kvm
@@ -514,11 +520,18 @@ class TdpMmu:
         it = TdpIter(self.pt, root, S.PG_LEVEL_4K, start)
         zap = self.costs.spte_zap_4k
         visit = self.costs.spte_visit
+        fast = self.engine.fast
         while it.valid and it.gfn < end:
             if can_yield and (yield from self.tdp_mmu_iter_cond_resched(th, it, flush, False)):
                 flush = False
                 it.next()
                 continue
+            if fast and can_yield:
+                k, changed = yield from leaf_table_bulk(self, th, it, end, "zap", False)
+                if k:
+                    flush |= changed
+                    it.next()
+                    continue
             if not S.is_shadow_present_pte(it.old_spte) or \
                     not S.is_last_spte(it.old_spte, it.level):
                 yield visit
@@ -526,7 +539,7 @@ class TdpMmu:
                 continue
             yield from self.tdp_mmu_set_spte(th, it, 0)
             flush = True
-            yield zap
+            yield visit + zap
             it.next()
         rcu.read_unlock(th)
         return flush

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Generator
 from . import spte as S
 from .page import make_role
 from .tdp_iter import TdpIter
+from .tdp_mmu import leaf_table_bulk
 
 if TYPE_CHECKING:
     from ..host.sched import Thread
@@ -127,10 +128,18 @@ def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
+            if min_level == 1:
+                k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, "wrprot",
+                                                        True)
+                if k:
+                    state["spte_set"] |= changed
+                    it.next()
+                    continue
             mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or \
                     not S.is_last_spte(it.old_spte, it.level) or \
                     not S.is_writable_pte(it.old_spte):
+                yield mmu.costs.spte_visit
                 it.next()
                 continue
             new = it.old_spte & ~S.EPT_W
@@ -159,6 +168,12 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
+            k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, "clear_dirty",
+                                                    True)
+            if k:
+                state["spte_set"] |= changed
+                it.next()
+                continue
             mmu.touch(it.sp, it.index)
             while True:     # retry loop
                 if not S.is_shadow_present_pte(it.old_spte) or \
@@ -172,6 +187,7 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
                     break
                 if not mmu.policy.clear_dirty_present_check:
                     new = it.old_spte & ~S.SHADOW_DIRTY   # 5.17: no re-check
+            yield mmu.costs.spte_visit
             it.next()
         rcu.read_unlock(th)
 
