@@ -1010,3 +1010,32 @@ def test_kvm_tdp_mmu_try_split_huge_pages_skips_invalid_roots():
     assert {lvl for lvl, _ in st["new_leaves"].values()} == {1} and len(st["new_leaves"]) == 1024
     assert st["old"].freed and h.kvm.stat["pages_2m"] == 0
     assert h.findings == []
+
+
+def test_kvm_tdp_mmu_map_1g_for_1g_hugetlb_backing():
+    """A slot backed by 1 GiB hugetlb pages, equally aligned, maps 1 GiB SPTEs: one fault
+    covers the whole gigabyte, and the leaf maps the right host pages."""
+    from tdpsim.kvm.vcpu import Guest
+    h = VmHarness(nvcpus=1, pages=262144, nslots=1, hugetlb=True, huge_pages=262144)
+    base = h.slot_gfn(1)
+
+    def script(th, v):
+        yield from v.run(th, Guest([(base + 5, True), (base + 200000, False)]))
+
+    h.spawn_vcpu(h.vcpus[0], script)
+    h.run()
+    v = h.vcpus[0]
+    assert h.kvm.stat["pages_1g"] == 1 and h.kvm.stat["pages_4k"] == 0
+    assert v.stat["pf_fixed"] == 1                      # the second access needed no fault
+    assert v.tlb.entries[base + 200000].pfn == int(h.memfd.pfn[200000])
+    assert h.findings == []
+
+
+def test_split_sptes_matches_make_huge_page_split_spte():
+    from tdpsim.mmu import spte as S
+    from tdpsim.mmu.tdp_ops import split_sptes
+    for level, pfn in ((2, 1024), (3, 1 << 18)):
+        huge = S.make_spte(pfn, level, True)
+        vec = split_sptes(huge, level)
+        assert [int(x) for x in vec] == [S.make_huge_page_split_spte(huge, level, i)
+                                         for i in range(512)]

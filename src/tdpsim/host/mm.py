@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 PAGE = 4096
 HPAGE_PAGES = 512
 HPAGE = HPAGE_PAGES * PAGE
+GPAGE_PAGES = 512 * 512
 HVA_BASE = 0x7F00_0000_0000
 
 
@@ -43,11 +44,16 @@ class MemFd:
     """A memfd: pages owned by the file, allocated on first touch (or ``prefault``).
     A hugetlb memfd holds 2 MiB pages: physically contiguous, aligned blocks of 512."""
 
-    def __init__(self, host: "Host", npages: int, hugetlb: bool = False, name: str = "memfd"):
+    def __init__(self, host: "Host", npages: int, hugetlb: bool = False, name: str = "memfd",
+                 huge_pages: int = HPAGE_PAGES):
         if npages < 1:
             raise ValueError("memfd needs at least one page")
-        if hugetlb and npages % HPAGE_PAGES:
-            raise ValueError("a hugetlb memfd is a whole number of 2 MiB pages")
+        if huge_pages not in (HPAGE_PAGES, GPAGE_PAGES):
+            raise ValueError("huge page size: 2 MiB (512 pages) or 1 GiB (262144 pages)")
+        #: pages per huge page (512: 2 MiB, 262144: 1 GiB); 1 when not hugetlb
+        self.huge_pages = huge_pages if hugetlb else 1
+        if hugetlb and npages % huge_pages:
+            raise ValueError("a hugetlb memfd is a whole number of huge pages")
         self.host = host
         self.name = name
         self.npages = npages
@@ -59,11 +65,12 @@ class MemFd:
     def page(self, idx: int) -> tuple[int, int]:
         if self.pfn[idx] < 0:
             mem = self.host.memory
-            if self.hugetlb:      # the whole 2 MiB page, physically contiguous and aligned
-                b = idx - idx % HPAGE_PAGES
-                pfns = mem.alloc_block(HPAGE_PAGES, self.name)
-                self.pfn[b:b + HPAGE_PAGES] = pfns[:len(self.pfn[b:b + HPAGE_PAGES])]
-                self.gen[b:b + HPAGE_PAGES] = mem.gen[self.pfn[b:b + HPAGE_PAGES]]
+            if self.hugetlb:      # the whole huge page, physically contiguous and aligned
+                hp = self.huge_pages
+                b = idx - idx % hp
+                pfns = mem.alloc_block(hp, self.name)
+                self.pfn[b:b + hp] = pfns[:len(self.pfn[b:b + hp])]
+                self.gen[b:b + hp] = mem.gen[self.pfn[b:b + hp]]
             else:
                 p = mem.alloc(self.name)
                 self.pfn[idx] = p
@@ -172,8 +179,10 @@ class Mm:
 
     # ---- mappings -----------------------------------------------------------------------
 
-    def memfd_create(self, npages: int, hugetlb: bool = False) -> MemFd:
-        fd = MemFd(self.host, npages, hugetlb, name=f"memfd{len(self.memfds)}")
+    def memfd_create(self, npages: int, hugetlb: bool = False,
+                     huge_pages: int = HPAGE_PAGES) -> MemFd:
+        fd = MemFd(self.host, npages, hugetlb, name=f"memfd{len(self.memfds)}",
+                   huge_pages=huge_pages)
         self.memfds.append(fd)
         return fd
 
@@ -184,7 +193,8 @@ class Mm:
             raise ValueError("mapping extends past the end of the memfd")
         hva = self._next_hva
         if memfd is not None and memfd.hugetlb:
-            hva = -(-hva // HPAGE) * HPAGE       # hugetlbfs mappings are huge-page aligned
+            align = memfd.huge_pages * PAGE      # hugetlbfs mappings are huge-page aligned
+            hva = -(-hva // align) * align
         self._next_hva = hva + (npages + 1) * PAGE  # leave a guard page
         self.vmas.append(Vma(hva, npages, memfd, pgoff, writable))
         return hva

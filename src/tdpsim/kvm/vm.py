@@ -111,7 +111,7 @@ class Kvm:
             if slots.overlapping(base, npages) is not None:
                 raise ValueError("guest_phys_addr: overlaps an existing memslot")
             vma = self.mm.find_vma(hva)
-            hp = 512 if vma.memfd is not None and vma.memfd.hugetlb else 1
+            hp = vma.memfd.huge_pages if vma.memfd is not None else 1
             slot = Memslot(slot_id, base, npages, hva, flags, as_id, hp)
             if flags & KVM_MEM_LOG_DIRTY_PAGES:
                 slot.dirty_bitmap = _bitmap(npages)

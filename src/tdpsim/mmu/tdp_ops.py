@@ -234,6 +234,16 @@ def kvm_tdp_mmu_write_protect_gfn(mmu: "TdpMmu", th: "Thread", slot, gfn: int,
 
 # ---- eager page splitting ----------------------------------------------------------------
 
+def split_sptes(huge: int, level: int):
+    """The 512 child SPTEs of a huge SPTE (vectorised make_huge_page_split_spte)."""
+    import numpy as np
+    step = S.pages_per_hpage(level - 1) << S.PFN_SHIFT
+    child = np.uint64(huge) + np.arange(S.SPTE_ENTRIES, dtype=np.uint64) * np.uint64(step)
+    if level - 1 == S.PG_LEVEL_4K:
+        child &= ~np.uint64(S.PT_PAGE_SIZE_MASK)
+    return child
+
+
 def kvm_tdp_mmu_try_split_huge_pages(mmu: "TdpMmu", th: "Thread", slot, start: int, end: int,
                                      target_level: int, shared: bool) -> Generator:
     """kvm_tdp_mmu_try_split_huge_pages: replace every huge leaf above ``target_level`` in
@@ -256,8 +266,7 @@ def kvm_tdp_mmu_try_split_huge_pages(mmu: "TdpMmu", th: "Thread", slot, start: i
             huge, level = it.old_spte, it.level
             sp = mmu.pt.alloc(it.gfn, make_role(level - 1, it.as_id), (it.sp, it.index))
             gen = int(it.sp.gens[it.index])
-            for i in range(S.SPTE_ENTRIES):
-                sp.spt[i] = S.make_huge_page_split_spte(huge, level, i)
+            sp.spt[:] = split_sptes(huge, level)
             sp.gens[:] = gen
             if level - 1 == 1:
                 mmu.kvm.stat["pages_4k"] += S.SPTE_ENTRIES

@@ -44,13 +44,14 @@ class VmHarness:
                  costs: dict | CostModel | None = None, tlb_capacity: int | None = None,
                  psc_capacity: int | None = None, second_ns: int = 1_000_000_000,
                  trace: Trace | None = None, host_config: dict | None = None,
-                 nx_huge_pages: bool = False, nx_recovery_period_ms: int = 0):
+                 nx_huge_pages: bool = False, nx_recovery_period_ms: int = 0,
+                 huge_pages: int = 512):
         costs = costs if isinstance(costs, CostModel) else CostModel(costs or {})
         self.host = Host(HostConfig(ncpus=ncpus, second_ns=second_ns, **(host_config or {})),
                          costs, make_strategy(strategy, seed), granularity, trace)
         self.mm = self.host.mm("vmm")
         self.pages = pages
-        self.memfd = self.mm.memfd_create(pages, hugetlb=hugetlb)
+        self.memfd = self.mm.memfd_create(pages, hugetlb=hugetlb, huge_pages=huge_pages)
         self.hva = self.mm.mmap(pages, self.memfd)
         self.mm.prefault(self.hva, pages)
         pol = preset(policy) if isinstance(policy, str) else policy
