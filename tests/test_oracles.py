@@ -9,6 +9,7 @@ monitor test drives a scenario that the monitor must measure.
 
 import pytest
 
+from tdpsim.host.completion import Completion
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.vcpu import Guest, TouchGuest
 from tdpsim.kvm.vm import IN_GUEST_MODE
@@ -21,22 +22,7 @@ MS = 1_000_000
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-class Gate:
-    """A one-shot event threads can wait for."""
-
-    def __init__(self, h):
-        self.h, self.is_set, self.waiters = h, False, []
-
-    def set(self):
-        self.is_set = True
-        for th in self.waiters:
-            self.h.host.sched.wake(th)
-        self.waiters.clear()
-
-    def wait(self, th):
-        if not self.is_set:
-            self.waiters.append(th)
-            yield from self.h.host.sched.block(th)
+Gate = lambda h: Completion(h.host)   # a one-shot event (struct completion)
 
 
 class Spin(Guest):
@@ -72,7 +58,7 @@ def touched(h, n=256, v=0):
 
     def script(th, vcpu):
         yield from vcpu.run(th, TouchGuest(h.slot_gfn(1), n))
-        done.set()
+        done.complete_all()
     h.spawn_vcpu(h.vcpus[v], script)
     return done
 
@@ -84,7 +70,7 @@ def spinning(h, gfns, stop, n=64, limit_ns=2 * MS):
 
     def script(th, v):
         yield from v.run(th, TouchGuest(h.slot_gfn(1), n))
-        spin.set()
+        spin.complete_all()
         yield from v.run(th, Spin(h, gfns, stop, limit_ns))
     h.spawn_vcpu(h.vcpus[0], script)
     return spin
@@ -139,17 +125,17 @@ def test_warn_zap_root_without_a_reference(buggy):
 
     def vcpu(th, v):
         yield from v.run(th, TouchGuest(g0, 64))
-        populated.set()
+        populated.complete_all()
         yield from zapped.wait(th)
         yield from v.run(th, TouchGuest(g0, 1))      # drops the obsolete root
-        rerun.set()
+        rerun.complete_all()
 
     def fn(th):
         st["root"] = root = h.vcpus[0].root
         yield from h.arch.kvm_mmu_zap_all_fast(th)
         if not buggy:
             assert h.tdp.kvm_tdp_mmu_get_root(root)
-        zapped.set()
+        zapped.complete_all()
         yield from rerun.wait(th)
         yield from h.kvm.mmu_lock.write_lock(th)
         yield from h.tdp.tdp_mmu_zap_root(th, root, shared=False)
@@ -270,7 +256,7 @@ def test_use_after_free_hw_walk_through_pde_cache(buggy):
 
     def vcpu(th, v):
         yield from v.run(th, TouchGuest(g0, 256))
-        populated.set()
+        populated.complete_all()
         yield from freed.wait(th)
         st["psc"] = v.tlb.psc_lookup(2, g0 + 300)
         yield from v.run(th, Spin(h, [g0 + 300], lambda: bool(h.findings) or
@@ -280,7 +266,7 @@ def test_use_after_free_hw_walk_through_pde_cache(buggy):
         st["sp"] = sp = l1_table(h)
         if buggy:
             h.tdp.pt.free(sp, th)
-        freed.set()
+        freed.complete_all()
         yield 1
 
     h.spawn_vcpu(h.vcpus[0], vcpu)
@@ -462,7 +448,7 @@ def test_refcount_underflow(buggy):
     def vcpu(th, v):
         yield from v.run(th, TouchGuest(g0, 16))
         st["root"] = v.root
-        populated.set()
+        populated.complete_all()
         yield from put.wait(th)
         yield from v.set_sregs_toggle_cr0_wp(th)      # kvm_mmu_unload: puts its reference
 
@@ -474,7 +460,7 @@ def test_refcount_underflow(buggy):
         yield from h.tdp.kvm_tdp_mmu_put_root(th, root, shared=False)
         h.kvm.mmu_lock.write_unlock(th)
         yield from quiesce(th, h)
-        put.set()
+        put.complete_all()
 
     h.spawn_vcpu(h.vcpus[0], vcpu)
     driver(h, fn, populated)
@@ -608,7 +594,7 @@ def test_yield_without_progress(buggy):
     def fn(th):
         yield from h.kvm.mmu_lock.read_lock(th)
         h.host.rcu.read_lock(th)
-        locked.set()
+        locked.complete_all()
         yield 10_000
         it = TdpIter(h.tdp.pt, h.tdp.roots[0], S.PG_LEVEL_4K, h.slot_gfn(1))
         while it.next_last_level_gfn == it.yielded_gfn:
@@ -775,14 +761,14 @@ def lock_hold_scenario(hold_ns):
 
     def vcpu(th, v):
         yield from v.run(th, TouchGuest(g0, 8))
-        populated.set()
+        populated.complete_all()
         yield from locked.wait(th)
         yield from v.run(th, TouchGuest(g0 + 100, 4))
 
     def fn(th):
         yield from h.kvm.mmu_lock.write_lock(th)
         st["t0"] = h.host.engine.now
-        locked.set()
+        locked.complete_all()
         yield hold_ns
         h.kvm.mmu_lock.write_unlock(th)
 

@@ -136,3 +136,32 @@ def test_join_waits_for_exit(mkhost):
     h.spawn(parent, "p")
     h.run()
     assert log and log[0] >= 700
+
+
+def test_completion_wakes_every_waiter_and_later_waits_return_at_once(mkhost):
+    from tdpsim.host.completion import Completion
+    h = mkhost(ncpus=2)
+    c = Completion(h)
+    woke = []
+
+    def waiter(th):
+        yield from c.wait(th)
+        woke.append((th.name, h.engine.now))
+
+    def completer(th):
+        yield 5_000
+        c.complete_all()
+
+    def late(th):
+        yield 9_000
+        yield from c.wait(th)
+        woke.append((th.name, h.engine.now))
+
+    h.spawn(waiter, "w1")
+    h.spawn(waiter, "w2")
+    h.spawn(completer, "c")
+    h.spawn(late, "late")
+    h.run()
+    d = dict(woke)
+    assert d["w1"] >= 5_000 and d["w2"] >= 5_000
+    assert d["late"] == 9_001            # no sleep: completion already done

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tdpsim.check.oracles import count_leaves, count_present
+from tdpsim.host.completion import Completion
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from tdpsim.kvm.vcpu import TouchGuest
@@ -24,22 +25,7 @@ GIB_PAGES = 262144          # 4 KiB pages per 1 GiB
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-class Flag:
-    """A one-shot event threads can wait for."""
-
-    def __init__(self, h):
-        self.h, self.is_set, self.waiters = h, False, []
-
-    def set(self):
-        self.is_set = True
-        for th in self.waiters:
-            self.h.host.sched.wake(th)
-        self.waiters.clear()
-
-    def wait(self, th):
-        if not self.is_set:
-            self.waiters.append(th)
-            yield from self.h.host.sched.block(th)
+Flag = lambda h: Completion(h.host)   # a one-shot event (struct completion)
 
 
 def record(h, *kinds):
@@ -56,7 +42,7 @@ def record(h, *kinds):
 def touch(th, v, g0, n, done=None):
     yield from v.run(th, TouchGuest(g0, n))
     if done is not None:
-        done.set()
+        done.complete_all()
 
 
 def populate(h, n=None, vcpus=None):
@@ -70,7 +56,7 @@ def populate(h, n=None, vcpus=None):
     def waiter(th):
         for f in flags:
             yield from f.wait(th)
-        all_done.set()
+        all_done.complete_all()
     h.spawn(waiter, "populate-wait")
     return all_done
 
@@ -203,7 +189,7 @@ def test_kvm_tdp_mmu_put_root_of_invalid_root_frees_without_queueing():
 
 def _fast_zap_then(th, h, flag):
     yield from h.arch.kvm_mmu_zap_all_fast(th)
-    flag.set()
+    flag.complete_all()
 
 
 def two_roots(h, n=16):
@@ -214,7 +200,7 @@ def two_roots(h, n=16):
     def v0(th, v):
         yield from v.set_sregs_toggle_cr0_wp(th)
         yield from v.run(th, TouchGuest(h.slot_gfn(1), n))
-        f0.set()
+        f0.complete_all()
 
     h.spawn_vcpu(h.vcpus[0], v0)
     h.spawn_vcpu(h.vcpus[1], touch, h.slot_gfn(2), n, f1)
@@ -222,7 +208,7 @@ def two_roots(h, n=16):
     def w(th):
         yield from f0.wait(th)
         yield from f1.wait(th)
-        ready.set()
+        ready.complete_all()
     h.spawn(w, "two-roots-wait")
     return ready
 
@@ -292,7 +278,7 @@ def test_kvm_mmu_zap_all_fast_returns_after_invalid_roots_are_empty_and_vcpus_re
         yield from h.arch.kvm_mmu_zap_all_fast(th)
         st["requests"] = [KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in v.requests for v in h.vcpus]
         st["loads_before"] = sum(1 for e in ev if e["kind"] == "root_load")
-        zapped.set()
+        zapped.complete_all()
 
     def rerun(th, v, g0):
         yield from zapped.wait(th)
@@ -468,7 +454,7 @@ def _zap_sp_scenario(h, pick, reader_ns=0):
 
     def reader(th):
         h.host.rcu.read_lock(th)
-        zap_now.set()
+        zap_now.complete_all()
         yield reader_ns
         st["reader_out"] = h.host.engine.now
         h.host.rcu.read_unlock(th)
@@ -593,7 +579,7 @@ def test_tdp_mmu_iter_cond_resched_flushes_before_rcu_unlock_when_yielding():
     def fn(th):
         st["th"] = th
         yield from h.kvm.mmu_lock.write_lock(th)
-        locked.set()
+        locked.complete_all()
         st["ret"] = yield from h.tdp.kvm_tdp_mmu_zap_leafs(th, 0, g0, g0 + 1024, True, False)
         st["done"] = h.host.engine.now
         h.kvm.mmu_lock.write_unlock(th)
@@ -622,7 +608,7 @@ def test_tdp_mmu_iter_cond_resched_no_yield_without_forward_progress():
         root = h.tdp.roots[0]
         yield from h.kvm.mmu_lock.read_lock(th)
         h.host.rcu.read_lock(th)
-        locked.set()
+        locked.complete_all()
         yield 10_000                               # the waiter queues up meanwhile
         assert h.kvm.mmu_lock.needbreak()
         it = TdpIter(h.tdp.pt, root, S.PG_LEVEL_4K, h.slot_gfn(1))
@@ -710,7 +696,7 @@ def test_kvm_tdp_mmu_map_retries_fault_racing_mmu_notifier_invalidation():
 
     def script(th, v):
         yield from v.run(th, TouchGuest(h.slot_gfn(1), 1))          # loads the root
-        started.set()
+        started.complete_all()
         yield from v.run(th, TouchGuest(h.slot_gfn(1) + 5, 1))
 
     def unmapper(th):
@@ -879,7 +865,7 @@ def test_kvm_tdp_mmu_wrprot_slot_on_dirty_log_enable_clears_w_and_flushes():
         st["flush"] = h.kvm.stat["remote_tlb_flush_requests"] - f0
         st["slot1"] = leaves_of(h, root, g1, g1 + 64)
         st["slot2"] = leaves_of(h, root, g2, g2 + 64)
-        enabled.set()
+        enabled.complete_all()
 
     def rewrite(th, v):
         yield from enabled.wait(th)
@@ -984,13 +970,13 @@ def test_kvm_tdp_mmu_try_split_huge_pages_skips_invalid_roots():
         st["old"] = v.root
         yield from ready.wait(th)
         yield from v.set_sregs_toggle_cr0_wp(th)         # the last put: defunct -> invalid
-        dropped.set()
+        dropped.complete_all()
 
     def v1(th, v):
         yield from v.set_sregs_toggle_cr0_wp(th)
         yield from v.run(th, TouchGuest(g0, 1024))       # its own root (other CR0.WP role)
         st["new"] = v.root
-        ready.set()
+        ready.complete_all()
 
     def fn(th):
         yield from dropped.wait(th)

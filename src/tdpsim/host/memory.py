@@ -102,15 +102,7 @@ class PageAllocator(Resource):
         out = np.arange(start, start + n, dtype=np.int64)
         self._next = start + n
         self._grow(self._next)
-        self.state[out] = ALLOCATED
-        self.gen[out] += 1
-        self.refs[out] = 1
-        for p in out.tolist():
-            self.owner[p] = owner
-        self.allocated += n
-        self.allocs += n
-        self.peak = max(self.peak, self.allocated)
-        return out
+        return self._mark_allocated(out, owner)
 
     def alloc_many(self, n: int, owner: str = "") -> np.ndarray:
         """Allocate n pages at once (free list first, most recent first)."""
@@ -126,13 +118,17 @@ class PageAllocator(Resource):
             out[take:] = np.arange(self._next, self._next + fresh, dtype=np.int64)
             self._next += fresh
             self._grow(self._next)
+        return self._mark_allocated(out, owner)
+
+    def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
+        """Bookkeeping shared by the bulk allocators."""
         self.state[out] = ALLOCATED
         self.gen[out] += 1
         self.refs[out] = 1
         for p in out.tolist():
             self.owner[p] = owner
-        self.allocated += n
-        self.allocs += n
+        self.allocated += len(out)
+        self.allocs += len(out)
         self.peak = max(self.peak, self.allocated)
         return out
 

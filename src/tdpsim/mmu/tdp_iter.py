@@ -133,13 +133,3 @@ class TdpIter:
             if not self.try_step_up():
                 break
         self.valid = False
-
-    def skip_subtree(self) -> None:
-        """Advance past the current entry without descending (used by bulk paths that
-        processed the whole subtree themselves)."""
-        while True:
-            if self.try_step_side():
-                return
-            if not self.try_step_up():
-                break
-        self.valid = False
