@@ -116,6 +116,20 @@ class TdpMmu:
         root.tdp_mmu_root_count -= 1
         if root.tdp_mmu_root_count:
             return
+        if not self.policy.async_defunct_zap:
+            # 5.17: unlink (unreachable by every iterator, notifiers included), then tear
+            # the whole root down here, in the caller's context and lock mode, no yield
+            self._unlink_root(th, root)
+            t0 = self.engine.now
+            doing, th.doing = th.doing, "kvm_tdp_mmu_put_root > zap_gfn_range"
+            yield from self.zap_gfn_range(th, root, 0, 1 << 62, can_yield=False, flush=False,
+                                          shared=shared)
+            th.doing = doing
+            root.zapped_by = th.name
+            self.root_zaps.append({"root": root.id, "task": th.name, "start": t0,
+                                   "ns": self.engine.now - t0, "shared": shared})
+            self.host.rcu.call_rcu(lambda: self._free_sp_rcu(root))
+            return
         was_invalid = bool(root.role & ROLE_INVALID)   # xchg on role.word
         root.role |= ROLE_INVALID
         if not was_invalid:
@@ -129,15 +143,19 @@ class TdpMmu:
 
     def _free_root(self, th: "Thread", root: ShadowPage) -> None:
         """list_del_rcu + call_rcu(tdp_mmu_free_sp_rcu_callback)."""
-        if root in self.roots:
-            self.roots.remove(root)
-        else:
+        if self._unlink_root(th, root):
+            self.host.rcu.call_rcu(lambda: self._free_sp_rcu(root))
+
+    def _unlink_root(self, th: "Thread", root: ShadowPage) -> bool:
+        """list_del_rcu of a root (under tdp_mmu_pages_lock)."""
+        if root not in self.roots:
             self.host.report("double_free", th, pfn=root.pfn, owner=f"root#{root.id}")
-            return
+            return False
+        self.roots.remove(root)
         root.unlinked = True
         root.unlink_t = self.engine.now
         self.kvm.observe("root_unlinked", root=root, t=self.engine.now)
-        self.host.rcu.call_rcu(lambda: self._free_sp_rcu(root))
+        return True
 
     def _free_sp_rcu(self, sp: ShadowPage) -> None:
         """tdp_mmu_free_sp_rcu_callback."""
@@ -171,11 +189,46 @@ class TdpMmu:
                 continue
             root.role |= ROLE_INVALID
             self.kvm.observe("root_invalidated", root=root, t=self.engine.now, task=th.name)
-            self.tdp_mmu_schedule_zap_root(root)
+            if self.policy.async_invalidated_zap:
+                self.tdp_mmu_schedule_zap_root(root)
+            # 5.17: the reference is a gift to kvm_tdp_mmu_zap_invalidated_roots
 
     def kvm_tdp_mmu_zap_invalidated_roots(self, th: "Thread") -> Generator:
-        """kvm_tdp_mmu_zap_invalidated_roots, 5.18: flush the zap workqueue."""
-        yield from self.zap_wq.flush(th)
+        """kvm_tdp_mmu_zap_invalidated_roots.
+
+        5.18: flush the zap workqueue.  5.17: take mmu_lock for read and, for every invalid
+        root with a non-zero count (assumed to carry a gifted reference), zap it with
+        ``zap_gfn_range`` (yielding between top-level entries, each torn down by freeze,
+        recursive teardown with a flush per table, flush, zero) and put the gift."""
+        if self.policy.async_invalidated_zap:
+            yield from self.zap_wq.flush(th)
+            return
+        kvm = self.kvm
+        rcu = self.host.rcu
+        yield from kvm.mmu_lock.read_lock(th)
+        flush = False
+        rcu.read_lock(th)
+        done: set[int] = set()
+        while True:
+            root = next((r for r in self.roots if r.invalid and r.tdp_mmu_root_count
+                         and r.id not in done), None)
+            if root is None:
+                break
+            done.add(root.id)
+            rcu.read_unlock(th)
+            doing, th.doing = th.doing, "kvm_tdp_mmu_zap_invalidated_roots"
+            t0 = self.engine.now
+            flush = yield from self.zap_gfn_range(th, root, 0, 1 << 62, can_yield=True,
+                                                  flush=flush, shared=True)
+            self.root_zaps.append({"root": root.id, "task": th.name, "start": t0,
+                                   "ns": self.engine.now - t0, "shared": True})
+            th.doing = doing
+            yield from self.kvm_tdp_mmu_put_root(th, root, shared=True)
+            rcu.read_lock(th)
+        rcu.read_unlock(th)
+        kvm.mmu_lock.read_unlock(th)
+        if flush:
+            yield from kvm.flush_remote_tlbs(th)
 
     def tdp_mmu_next_root(self, th: "Thread", prev: ShadowPage | None, as_id: int,
                           shared: bool, only_valid: bool) -> Generator:
@@ -183,7 +236,7 @@ class TdpMmu:
 
         5.18: a caller holding mmu_lock for read must only walk valid roots."""
         if shared and not only_valid and self.policy.readers_skip_invalid_roots:
-            self.warn("reader_walks_invalid_roots", th)
+            self.warn("reader_walks_invalid_roots", th)   # 5.18 asserts the lock mode
         roots = self.roots
         start = roots.index(prev) + 1 if prev is not None and prev in roots else 0
         nxt = None
@@ -222,9 +275,11 @@ class TdpMmu:
         ``it.old_spte`` and returns False; on success runs the change bookkeeping."""
         sp, i = it.sp, it.index
         self.touch(sp, i)
-        if self.policy.removed_spte_checks and (it.yielded or S.is_removed_spte(it.old_spte)):
-            self.warn("set_spte_atomic_on_removed_or_yielded", th, gfn=it.gfn, level=it.level)
-            return False
+        if it.yielded or S.is_removed_spte(it.old_spte):
+            if self.policy.removed_spte_checks:
+                self.warn("set_spte_atomic_on_removed_or_yielded", th, gfn=it.gfn,
+                          level=it.level)
+            return False        # 5.17: -EBUSY silently (a caller may retry forever)
         cur = int(sp.spt[i])
         if cur != it.old_spte:
             it.old_spte = cur
@@ -544,15 +599,59 @@ class TdpMmu:
         rcu.read_unlock(th)
         return flush
 
+    def zap_gfn_range(self, th: "Thread", root: ShadowPage, start: int, end: int,
+                      can_yield: bool, flush: bool, shared: bool) -> Generator:
+        """zap_gfn_range (5.17): one zapper for everything.  Zapping the whole address
+        space walks the top level only (each entry torn down recursively in one step);
+        otherwise leaves and tables fully inside the range are zapped.  Shared mode zaps by
+        freeze, flush, zero (so it never reports a pending flush); exclusive mode writes 0
+        and reports one.  Returns the pending flush."""
+        end = min(end, self.max_gfn_host)
+        zap_all = start == 0 and end >= self.max_gfn_host
+        min_level = root.level if zap_all else S.PG_LEVEL_4K
+        rcu = self.host.rcu
+        rcu.read_lock(th)
+        it = TdpIter(self.pt, root, min_level, start)
+        visit, zap = self.costs.spte_visit, self.costs.spte_zap_4k
+        while it.valid and it.gfn < end:
+            if can_yield and (yield from self.tdp_mmu_iter_cond_resched(th, it, flush, shared)):
+                flush = False
+                it.next()
+                continue
+            old = it.old_spte
+            if not S.is_shadow_present_pte(old):
+                yield visit
+                it.next()
+                continue
+            span = S.pages_per_hpage(it.level)
+            if not zap_all and not S.is_last_spte(old, it.level) and \
+                    (it.gfn < start or it.gfn + span > end):
+                it.next()           # only partly inside: descend
+                continue
+            if not shared:
+                yield from self.tdp_mmu_set_spte(th, it, 0)
+                flush = True
+            elif not (yield from self.tdp_mmu_zap_spte_atomic(th, it)):
+                continue            # lost the race: retry with the fresh value
+            yield visit + (zap if S.is_last_spte(old, it.level) else 0)
+            it.next()
+        rcu.read_unlock(th)
+        return flush
+
     def kvm_tdp_mmu_zap_leafs(self, th: "Thread", as_id: int, start: int, end: int,
                               can_yield: bool, flush: bool) -> Generator:
         """kvm_tdp_mmu_zap_leafs: every root of the address space (valid and invalid), the
         pending flush threaded through all of them (the 5.18-rc fix)."""
         state = {"flush": flush}
+        leaf_only = self.policy.leaf_only_range_zap
 
         def body(root):
-            state["flush"] = yield from self.tdp_mmu_zap_leafs(th, root, start, end,
-                                                              can_yield, state["flush"])
+            if leaf_only:
+                state["flush"] = yield from self.tdp_mmu_zap_leafs(th, root, start, end,
+                                                                  can_yield, state["flush"])
+            else:   # 5.17 __kvm_tdp_mmu_zap_gfn_range: leaves and covered tables
+                state["flush"] = yield from self.zap_gfn_range(th, root, start, end, can_yield,
+                                                              state["flush"], False)
 
         yield from self.walk_roots(th, as_id, False, False, body)
         return state["flush"]
@@ -560,6 +659,15 @@ class TdpMmu:
     def kvm_tdp_mmu_zap_sp(self, th: "Thread", sp: ShadowPage) -> Generator:
         """kvm_tdp_mmu_zap_sp (5.18): zap exactly ``sp`` through its parent entry.
         mmu_lock held for write, caller holds RCU.  Returns True (flush needed)."""
+        if not self.policy.precise_nx_zap:
+            # 5.17: a non-yielding range zap of the SP's range, in every root
+            start = sp.gfn
+            end = sp.gfn + S.pages_per_hpage(sp.level + 1)
+            flush = False
+            for root in self.for_each_tdp_mmu_root(th, sp.as_id):
+                flush = yield from self.zap_gfn_range(th, root, start, end, False, flush,
+                                                      False)
+            return flush
         if sp.ptep is None:
             self.warn("zap_sp_on_root", th, sp=sp.id)
             return False
@@ -576,6 +684,21 @@ class TdpMmu:
     def kvm_tdp_mmu_zap_all(self, th: "Thread") -> Generator:
         """kvm_tdp_mmu_zap_all (mmu_lock held for write): zap every root, valid or invalid
         (also those a worker is zapping); 5.18 does no flush (the VM is dying)."""
+        if not self.policy.zap_all_no_flush:
+            # 5.17: range zap of everything per root (top-level entries, yielding with the
+            # flush done first), then a final flush if anything was zapped
+            flush = False
+            for as_id in (0, 1):
+                state = {"flush": False}
+
+                def body(root):
+                    state["flush"] = yield from self.zap_gfn_range(
+                        th, root, 0, 1 << 62, True, state["flush"], False)
+                yield from self.walk_roots(th, as_id, False, False, body)
+                flush |= state["flush"]
+            if flush:
+                yield from self.kvm.flush_remote_tlbs(th)
+            return
         for as_id in (0, 1):
             def body(root):
                 yield from self.tdp_mmu_zap_root(th, root, shared=False)

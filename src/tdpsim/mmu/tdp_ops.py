@@ -105,8 +105,11 @@ def kvm_tdp_mmu_set_spte_gfn(mmu: "TdpMmu", th: "Thread", rng: "GfnRange") -> Ge
                 new = S.make_spte(pfn, S.PG_LEVEL_4K, writable=False)
                 yield from mmu.tdp_mmu_set_spte(th, it, new, gen=gen)
             changed = True
+            if not mmu.policy.batched_change_pte_flush:
+                # 5.17: flush this gfn at once, inside the TDP MMU
+                yield from mmu.kvm.flush_remote_tlbs_with_address(th, rng.start, 1)
         rcu.read_unlock(th)
-    return changed
+    return changed if mmu.policy.batched_change_pte_flush else False
 
 
 # ---- dirty logging -----------------------------------------------------------------------
@@ -175,18 +178,22 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
                 it.next()
                 continue
             mmu.touch(it.sp, it.index)
+            first = True
             while True:     # retry loop
-                if not S.is_shadow_present_pte(it.old_spte) or \
-                        not S.is_last_spte(it.old_spte, it.level) or \
-                        not S.is_dirty_spte(it.old_spte):
-                    break
+                # 5.18 re-checks after a failed cmpxchg (3354ef5a592d); 5.17 only checked
+                # before the first attempt, and retried whatever the fresh value was
+                if first or mmu.policy.clear_dirty_present_check:
+                    if not S.is_shadow_present_pte(it.old_spte) or \
+                            not S.is_last_spte(it.old_spte, it.level) or \
+                            not S.is_dirty_spte(it.old_spte):
+                        break
                 new = it.old_spte & ~S.SHADOW_DIRTY
                 if (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
                                                            gen=int(it.sp.gens[it.index]))):
                     state["spte_set"] = True
                     break
-                if not mmu.policy.clear_dirty_present_check:
-                    new = it.old_spte & ~S.SHADOW_DIRTY   # 5.17: no re-check
+                first = False
+                yield 1         # spinning on the contended entry
             yield mmu.costs.spte_visit
             it.next()
         rcu.read_unlock(th)

@@ -219,7 +219,9 @@ class X86Mmu:
         ratio = self.nx_huge_pages_recovery_ratio
         doing, th.doing = th.doing, "kvm_recover_nx_lpages"
         yield from kvm.mmu_lock.write_lock(th)
-        rcu.read_lock(th)
+        hold_rcu = self.policy.precise_nx_zap      # 5.18 holds RCU across the loop
+        if hold_rcu:
+            rcu.read_lock(th)
         to_zap = -(-splits // ratio) if ratio else 0
         flush = False
         for _ in range(to_zap):
@@ -234,13 +236,16 @@ class X86Mmu:
             if host.sched.need_resched(th) or kvm.mmu_lock.needbreak():
                 if flush:
                     yield from kvm.flush_remote_tlbs(th)
-                rcu.read_unlock(th)
+                if hold_rcu:
+                    rcu.read_unlock(th)
                 yield from tdp.cond_resched_rwlock(th, shared=False)
                 flush = False
-                rcu.read_lock(th)
+                if hold_rcu:
+                    rcu.read_lock(th)
         if flush:
             yield from kvm.flush_remote_tlbs(th)
-        rcu.read_unlock(th)
+        if hold_rcu:
+            rcu.read_unlock(th)
         kvm.mmu_lock.write_unlock(th)
         th.doing = doing
         kvm.observe("nx_recovery", t=kvm.engine.now, zapped=to_zap)
