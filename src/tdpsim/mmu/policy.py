@@ -44,8 +44,6 @@ class Policy:
     removed_spte_checks: bool = True
     #: invalidate_all_roots skips already-invalid roots (Paolo's fix-up)
     skip_invalid_on_invalidate: bool = True
-    #: clear_dirty re-checks shadow-present after a failed cmpxchg (3354ef5a592d)
-    clear_dirty_present_check: bool = True
 
     @classmethod
     def knobs(cls) -> list[str]:

@@ -159,8 +159,10 @@ def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -
 
 
 def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator:
-    """clear_dirty_gfn_range over valid roots (mmu_lock read): clear D on leaves.  5.18
-    re-checks presence after a failed cmpxchg (3354ef5a592d)."""
+    """clear_dirty_gfn_range over valid roots (mmu_lock read): clear D on leaves, retrying
+    a lost cmpxchg on the fresh value.  The presence re-check of 3354ef5a592d changes
+    nothing with A/D bits enabled (a fresh non-present or REMOVED value has D clear and is
+    skipped either way), so it is not a knob (docs/knobs.md)."""
     state = {"spte_set": False}
     rcu = mmu.host.rcu
 
@@ -178,22 +180,17 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
                 it.next()
                 continue
             mmu.touch(it.sp, it.index)
-            first = True
-            while True:     # retry loop
-                # 5.18 re-checks after a failed cmpxchg (3354ef5a592d); 5.17 only checked
-                # before the first attempt, and retried whatever the fresh value was
-                if first or mmu.policy.clear_dirty_present_check:
-                    if not S.is_shadow_present_pte(it.old_spte) or \
-                            not S.is_last_spte(it.old_spte, it.level) or \
-                            not S.is_dirty_spte(it.old_spte):
-                        break
-                new = it.old_spte & ~S.SHADOW_DIRTY
-                if (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
+            if not S.is_shadow_present_pte(it.old_spte) or \
+                    not S.is_last_spte(it.old_spte, it.level) or \
+                    not S.is_dirty_spte(it.old_spte):
+                yield mmu.costs.spte_visit
+                it.next()
+                continue
+            new = it.old_spte & ~S.SHADOW_DIRTY
+            if not (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
                                                            gen=int(it.sp.gens[it.index]))):
-                    state["spte_set"] = True
-                    break
-                first = False
-                yield 1         # spinning on the contended entry
+                continue        # lost the race: retry on the fresh value (re-checked above)
+            state["spte_set"] = True
             yield mmu.costs.spte_visit
             it.next()
         rcu.read_unlock(th)
