@@ -20,7 +20,7 @@ from tdpsim.mmu.tdp_ops import kvm_tdp_mmu_clear_dirty_slot
 from tdpsim.workloads.vm import VmHarness
 
 
-def scenario(granularity: str, seed: int) -> tuple[dict, int]:
+def scenario(granularity: str, seed: int, kernel: str = "5.18") -> tuple[dict, int]:
     rng = random.Random(seed)
     nv = rng.randint(1, 3)
     pages = rng.choice([512, 768, 1024])
@@ -29,7 +29,7 @@ def scenario(granularity: str, seed: int) -> tuple[dict, int]:
                   granularity=granularity, strategy="random", seed=seed,
                   tlb_capacity=rng.choice([16, 64, None]), psc_capacity=rng.choice([2, 8]),
                   costs={"sched_timeslice": rng.choice([50_000, 300_000])},
-                  second_ns=rng.choice([200_000, 1_000_000]))
+                  second_ns=rng.choice([200_000, 1_000_000]), policy=kernel)
     total = nslots * pages
     chunk = total // nv
 
@@ -99,12 +99,13 @@ def scenario(granularity: str, seed: int) -> tuple[dict, int]:
     return out, h.host.engine.events
 
 
+@pytest.mark.parametrize("kernel", ["5.17", "5.18"])
 @pytest.mark.parametrize("chunk", range(4))
-def test_fast_equals_exact_on_200_seeded_vm_scenarios(chunk):
+def test_fast_equals_exact_on_200_seeded_vm_scenarios(chunk, kernel):
     fewer = 0
     for seed in range(chunk * 50, chunk * 50 + 50):
-        exact, ev_exact = scenario("exact", seed)
-        fast, ev_fast = scenario("fast", seed)
+        exact, ev_exact = scenario("exact", seed, kernel)
+        fast, ev_fast = scenario("fast", seed, kernel)
         for key in exact:
             assert fast[key] == exact[key], f"seed {seed}: {key} differs"
         assert exact["findings"] == [], f"seed {seed}: {exact['findings']}"

@@ -1,5 +1,5 @@
 """Hypothesis stateful test: random host events and vCPU accesses on a small VM, with every
-oracle checked all along (5.18).
+oracle checked all along, for each kernel preset (200 examples each).
 
 vCPU threads and a VMM/host thread each run a mailbox loop; rules queue work for them
 (guest accesses, CR0.WP resets, madvise(MADV_DONTNEED), page aging, kvm_zap_gfn_range,
@@ -56,11 +56,14 @@ class Mailbox:
 
 
 class VmMachine(RuleBasedStateMachine):
+    kernel = "5.18"
+
     @initialize(seed=st.integers(0, 2**32), ncpus=st.integers(1, 3),
                 tlb=st.sampled_from([None, 8]))
     def setup(self, seed, ncpus, tlb):
         self.h = h = VmHarness(ncpus=ncpus, nvcpus=NVCPUS, pages=PAGES, nslots=NSLOTS,
                                strategy="random", seed=seed, tlb_capacity=tlb,
+                               policy=self.kernel,
                                psc_capacity=None if tlb is None else 2,
                                costs={"sched_timeslice": 20_000}, second_ns=1_000_000)
         self.present_slots = set(range(1, NSLOTS + 1))
@@ -180,6 +183,12 @@ class VmMachine(RuleBasedStateMachine):
         assert h.tdp.pt.live == 0 and not h.tdp.roots
 
 
-VmMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=12,
-                                       deadline=None)
-TestVmMachine = VmMachine.TestCase
+class VmMachine517(VmMachine):
+    kernel = "5.17"
+
+
+_settings = settings(max_examples=200, stateful_step_count=12, deadline=None)
+VmMachine.TestCase.settings = _settings
+VmMachine517.TestCase.settings = _settings
+TestVmMachine518 = VmMachine.TestCase
+TestVmMachine517 = VmMachine517.TestCase

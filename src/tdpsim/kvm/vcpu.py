@@ -136,6 +136,10 @@ class Vcpu(Resource):
         """Requests, MMU reload and need_resched before (re-)entering the guest."""
         kvm = self.kvm
         host = kvm.host
+        if self.mode != OUTSIDE_GUEST_MODE and (self.requests or host.sched.need_resched(th)):
+            # a request (IPI) or the tick makes the guest exit first: a vCPU never
+            # reschedules or handles requests while it is marked in guest mode
+            self._exit_guest()
         if self.requests:
             if KVM_REQ_MMU_FREE_OBSOLETE_ROOTS in self.requests:
                 self.requests.discard(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)

@@ -436,7 +436,7 @@ class TdpMmu:
                 frozen = spt == U64(S.REMOVED_SPTE)
                 if not frozen.any():
                     break
-                yield 1
+                yield 20        # poll the frozen entry (cpu_relax loop)
         old = spt.copy()
         gens = sp.gens.copy()
         present = S.present_mask(old)
