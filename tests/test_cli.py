@@ -69,3 +69,44 @@ def test_ranges_are_named():
 def test_main_returns_zero_in_process(capsys):
     assert main(["demo", "--stuck-s", "0", "--iterations", "50"]) == 0
     assert "detectors: nothing reported" in capsys.readouterr().out
+
+
+def test_vm_command_kernels_differ(tmp_path):
+    import json as _json
+    out = {}
+    for k in ("5.17", "5.18"):
+        js = tmp_path / f"{k}.json"
+        rc, text, err = run_cli("vm", "--kernel", k, "--slots", "2", "--json", str(js))
+        assert rc == 0, err
+        assert "verdict: clean" in text
+        out[k] = _json.loads(js.read_text())
+    zap17 = out["5.17"]["symptoms"]["root_zaps"][0]
+    zap18 = out["5.18"]["symptoms"]["root_zaps"][0]
+    assert zap17["task"].startswith("vcpu") and not zap17["shared"]
+    assert zap18["task"].startswith("kworker") and zap18["shared"]
+
+
+def test_vm_knob_and_config_select_the_policy(tmp_path):
+    import json as _json
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('kernel = "5.17"\n[knobs]\nasync_defunct_zap = true\n')
+    js = tmp_path / "o.json"
+    rc, _, err = run_cli("vm", "--config", str(cfg), "--knob", "deferred_flush=on",
+                         "--slots", "1", "--json", str(js))
+    assert rc == 0, err
+    knobs = _json.loads(js.read_text())["knobs"]
+    assert knobs["async_defunct_zap"] and knobs["deferred_flush"]      # config, then --knob
+    assert not knobs["two_pass_root_zap"]                               # from the 5.17 preset
+
+
+@pytest.mark.parametrize("args, option", [
+    (["vm", "--knob", "nope=on"], "--knob"),
+    (["vm", "--knob", "deferred_flush=maybe"], "--knob"),
+    (["vm", "--kernel", "5.16"], "--kernel"),
+    (["vm", "--config", "/nonexistent.toml"], "--config"),
+    (["vm", "--vcpus", "0"], "--vcpus"),
+])
+def test_vm_bad_input_one_line_exit_2(args, option):
+    rc, out, err = run_cli(*args)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and option in err
