@@ -23,13 +23,8 @@ from ..host.workqueue import WorkItem
 from . import spte as S
 from .page import ROLE_INVALID, PageTables, ShadowPage, make_role
 from .policy import Policy
+from .fast import leaf_table_bulk
 from .tdp_iter import TdpIter
-
-
-def leaf_table_bulk(*args):
-    """Imported lazily (fast.py imports this module's neighbours)."""
-    from .fast import leaf_table_bulk as f
-    return f(*args)
 
 if TYPE_CHECKING:
     from ..host.sched import Thread

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Generator
 from . import spte as S
 from .page import make_role
 from .tdp_iter import TdpIter
-from .tdp_mmu import leaf_table_bulk
+from .fast import leaf_table_bulk
 
 if TYPE_CHECKING:
     from ..host.sched import Thread
@@ -118,9 +118,11 @@ def _valid_roots(mmu: "TdpMmu", th: "Thread", as_id: int, shared: bool, body) ->
     yield from mmu.walk_roots(th, as_id, shared, True, body)
 
 
-def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -> Generator:
-    """kvm_tdp_mmu_wrprot_slot (mmu_lock read): clear W on present leaves at or above
-    ``min_level`` in valid roots, by cmpxchg with retry; yields.  Returns "changed"."""
+def _clear_leaf_bit(mmu: "TdpMmu", th: "Thread", slot, min_level: int, bit: int,
+                    op: str) -> Generator:
+    """The walk shared by wrprot_gfn_range and clear_dirty_gfn_range (mmu_lock read, valid
+    roots, yield-safe): clear ``bit`` in every present leaf at or above ``min_level`` that
+    has it, by cmpxchg, retrying a lost race on the fresh value.  Returns "changed"."""
     state = {"spte_set": False}
     rcu = mmu.host.rcu
 
@@ -131,62 +133,19 @@ def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
-            if min_level == 1:
-                k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, "wrprot",
-                                                        True)
+            if min_level == S.PG_LEVEL_4K:
+                k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, op, True)
                 if k:
                     state["spte_set"] |= changed
                     it.next()
                     continue
             mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or \
-                    not S.is_last_spte(it.old_spte, it.level) or \
-                    not S.is_writable_pte(it.old_spte):
+                    not S.is_last_spte(it.old_spte, it.level) or not it.old_spte & bit:
                 yield mmu.costs.spte_visit
                 it.next()
                 continue
-            new = it.old_spte & ~S.EPT_W
-            if not (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
-                                                           gen=int(it.sp.gens[it.index]))):
-                continue           # retry with the refreshed old_spte
-            state["spte_set"] = True
-            yield mmu.costs.spte_visit
-            it.next()
-        rcu.read_unlock(th)
-
-    yield from _valid_roots(mmu, th, slot.as_id, True, body)
-    return state["spte_set"]
-
-
-def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator:
-    """clear_dirty_gfn_range over valid roots (mmu_lock read): clear D on leaves, retrying
-    a lost cmpxchg on the fresh value.  The presence re-check of 3354ef5a592d changes
-    nothing with A/D bits enabled (a fresh non-present or REMOVED value has D clear and is
-    skipped either way), so it is not a knob (docs/knobs.md)."""
-    state = {"spte_set": False}
-    rcu = mmu.host.rcu
-
-    def body(root):
-        rcu.read_lock(th)
-        it = TdpIter(mmu.pt, root, S.PG_LEVEL_4K, slot.base_gfn)
-        while it.valid and it.gfn < slot.end_gfn:
-            if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
-                it.next()
-                continue
-            k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, "clear_dirty",
-                                                    True)
-            if k:
-                state["spte_set"] |= changed
-                it.next()
-                continue
-            mmu.touch(it.sp, it.index)
-            if not S.is_shadow_present_pte(it.old_spte) or \
-                    not S.is_last_spte(it.old_spte, it.level) or \
-                    not S.is_dirty_spte(it.old_spte):
-                yield mmu.costs.spte_visit
-                it.next()
-                continue
-            new = it.old_spte & ~S.SHADOW_DIRTY
+            new = it.old_spte & ~bit
             if not (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
                                                            gen=int(it.sp.gens[it.index]))):
                 continue        # lost the race: retry on the fresh value (re-checked above)
@@ -197,6 +156,21 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
 
     yield from _valid_roots(mmu, th, slot.as_id, True, body)
     return state["spte_set"]
+
+
+def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -> Generator:
+    """kvm_tdp_mmu_wrprot_slot (mmu_lock read): clear W on present leaves at or above
+    ``min_level`` in valid roots, by cmpxchg with retry; yields.  Returns "changed"."""
+    return (yield from _clear_leaf_bit(mmu, th, slot, min_level, S.EPT_W, "wrprot"))
+
+
+def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator:
+    """clear_dirty_gfn_range over valid roots (mmu_lock read): clear D on leaves, retrying
+    a lost cmpxchg on the fresh value.  The presence re-check of 3354ef5a592d changes
+    nothing with A/D bits enabled (a fresh non-present or REMOVED value has D clear and is
+    skipped either way), so it is not a knob (docs/knobs.md)."""
+    return (yield from _clear_leaf_bit(mmu, th, slot, S.PG_LEVEL_4K, S.SHADOW_DIRTY,
+                                       "clear_dirty"))
 
 
 def kvm_tdp_mmu_clear_dirty_pt_masked(mmu: "TdpMmu", th: "Thread", slot, gfn: int,
