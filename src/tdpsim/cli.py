@@ -179,6 +179,85 @@ def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, json_fi
             json.dump(summary, fp, indent=1, sort_keys=True)
 
 
+class KernelList(click.ParamType):
+    """``5.18``, ``5.17`` or a comma-separated list of them (run side by side)."""
+
+    name = "KERNEL[,KERNEL]"
+
+    def convert(self, value, param, ctx):
+        from .mmu.policy import PRESETS
+        if isinstance(value, tuple):
+            return value
+        names = tuple(x.strip() for x in str(value).split(","))
+        for n in names:
+            if n not in PRESETS:
+                self.fail(f"expected {' or '.join(PRESETS)}, or both comma-separated, "
+                          f"got {n!r}", param, ctx)
+        if len(set(names)) != len(names):
+            self.fail(f"each kernel at most once, got {value!r}", param, ctx)
+        return names
+
+
+@cli.command("max-guest-memory")
+@click.option("-c", "--vcpus", type=Int(1, 1024), default=None,
+              help="vCPUs  [default: 3/4 of --host-cpus]")
+@click.option("-m", "--max-mem", type=Int(1, 1 << 22), default=128, show_default=True,
+              help="maximum guest memory, GiB")
+@click.option("-s", "--slot-size", type=Int(1, 512), default=2, show_default=True,
+              help="size of the backing region and of each memslot, GiB")
+@click.option("-H", "--hugetlb", is_flag=True, help="back guest memory with 2 MiB hugetlb")
+@click.option("--kernel", type=KernelList(), default=None,
+              help="5.18, 5.17, or 5.17,5.18 to compare  [default: 5.18, or the config's]")
+@click.option("--knob", "knobs", type=KnobOpt(), multiple=True,
+              help="switch one behavioural change, NAME=on|off (repeatable; every kernel)")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help='TOML file: kernel = "5.17" and a [knobs] table of name = true|false')
+@click.option("--maxphyaddr", type=Int(36, 52), default=46, show_default=True,
+              help="host (and guest) MAXPHYADDR; above 48 the root has 5 levels")
+@click.option("--host-cpus", type=Int(1, 8192), default=16, show_default=True)
+@click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--strategy", type=click.Choice(["fifo", "random"]), default="fifo",
+              show_default=True, help="who decides simultaneous events and other choices")
+@click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
+              show_default=True)
+@click.option("--cost", "cost", type=CostOpt(), multiple=True,
+              help="override a cost, NAME=NS (repeatable)")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
+              help="write every figure to this file (schema: docs/max-guest-memory.md)")
+@click.option("--progress/--no-progress", default=None,
+              help="progress bars on stderr  [default: when stderr is a terminal]")
+def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, maxphyaddr,
+                     host_cpus, seed, strategy, granularity, cost, json_file, progress):
+    """max_guest_memory_test, the series' selftest, on a simulated host: populate up to -m
+    GiB through memslots aliasing one backing region, reset every vCPU's MMU context,
+    populate again, delete the even memslots, unmap half the backing, exit.  Prints the
+    selftest's lines, the symptoms, the oracle verdict, and the simulator's own costs."""
+    from .workloads import max_guest_memory as mgm
+    from .report.max_guest_memory import render
+    kernels = kernel or (None,)
+    policies = [load_policy(k, knobs, config) for k in kernels]
+    cfg = mgm.MgmConfig(vcpus=vcpus, max_mem_gib=max_mem, slot_gib=slot_size,
+                        hugetlb=hugetlb, maxphyaddr=maxphyaddr, host_cpus=host_cpus,
+                        seed=seed, strategy=strategy, granularity=granularity,
+                        costs=tuple(cost))
+    mgm.layout(cfg)                      # every configuration error before any run
+    if json_file:                        # and an unwritable output before the first run
+        open(json_file, "a").close()
+    show = sys.stderr.isatty() if progress is None else progress
+    results = []
+    for pol in policies:
+        if show:
+            from .report.progress import PhaseProgress
+            with PhaseProgress(mgm.kernel_label(pol)) as bar:
+                results.append(mgm.run(cfg, pol, on_slice=bar.update))
+        else:
+            results.append(mgm.run(cfg, pol))
+    click.echo(render(results))
+    if json_file:
+        with open(json_file, "w") as fp:
+            json.dump({"schema": mgm.SCHEMA, "runs": results}, fp, indent=1, sort_keys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: click in non-standalone mode so every error is one line + exit 2."""
     try:
@@ -191,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         _die("aborted")
     except (ValueError, MemoryError) as e:  # configuration rejected by a layer below
         _die(str(e))
+    except OSError as e:                    # an output file that cannot be written
+        _die(f"{e.filename}: {e.strerror}")
     return rv if isinstance(rv, int) else 0
 
 

@@ -109,12 +109,20 @@ class Memslots(Resource):
         self.generation += 1
 
     def add(self, slot: Memslot) -> None:
+        # O(log n) search + one list insert: tens of thousands of slots stay cheap
         self.by_id[slot.id] = slot
-        self._reindex()
+        i = bisect.bisect_right(self._starts, slot.base_gfn)
+        self._starts.insert(i, slot.base_gfn)
+        self._sorted.insert(i, slot)
+        self.generation += 1
 
     def remove(self, slot_id: int) -> Memslot:
         slot = self.by_id.pop(slot_id)
-        self._reindex()
+        i = bisect.bisect_left(self._starts, slot.base_gfn)
+        while self._sorted[i] is not slot:
+            i += 1
+        del self._starts[i], self._sorted[i]
+        self.generation += 1
         return slot
 
     def find(self, gfn: int) -> Memslot | None:
@@ -127,9 +135,14 @@ class Memslots(Resource):
         return None
 
     def overlapping(self, base_gfn: int, npages: int, skip: int | None = None) -> Memslot | None:
+        # slots do not overlap each other, so at most the one starting before base_gfn
+        # and those starting inside [base_gfn, end) can overlap the range
         end = base_gfn + npages
-        for s in self._sorted:
-            if s.id != skip and s.base_gfn < end and base_gfn < s.end_gfn:
+        i = max(0, bisect.bisect_right(self._starts, base_gfn) - 1)
+        for s in self._sorted[i:]:
+            if s.base_gfn >= end:
+                break
+            if s.id != skip and base_gfn < s.end_gfn:
                 return s
         return None
 

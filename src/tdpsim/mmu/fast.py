@@ -57,7 +57,7 @@ class FastPaths:
         while sp.level > level:
             i = S.spte_index(gfn, sp.level)
             if sp.bulks:
-                self.kvm.engine.settle(sp, i, i + 1)
+                self.kvm.engine.settle(sp, i, i + 1, read=True)
             e = int(sp.spt[i])
             if not S.is_shadow_present_pte(e) or S.is_last_spte(e, sp.level):
                 return None
@@ -121,7 +121,7 @@ class FastPaths:
             if lo_j >= n:
                 break
             if l2.bulks:
-                eng.settle(l2, pde, pde + 1)
+                eng.settle(l2, pde, pde + 1, read=True)
             e = int(l2.spt[pde])
             sp = None
             if e != 0:
@@ -193,9 +193,13 @@ class FastPaths:
                      cost)
         mp = m_pages(first_step, m)               # pages the bulk reaches
         im = idx[:mp]
+        # level-2 entries: read for every PDE reached, written only where a table is added
+        # (so vCPUs sharing a boundary PDE do not cut each other's bulks once it exists)
+        allocs = [pde for pde, j in alloc_page.items() if j < mp]
+        wlo, whi = (min(allocs), max(allocs) + 1) if allocs else (0, 0)
         resources = [vcpu, th.cpu, lock, kvm.memslots[0], kvm.host.memory,
                      (vma, int(im.min()), int(im.max()) + 1),
-                     (l2, int(pdes[0]), int(pdes[mp - 1]) + 1)]
+                     (l2, int(pdes[0]), int(pdes[mp - 1]) + 1, wlo, whi)]
         for s_i, pde in enumerate(seg_pde.tolist()):
             sp = leaf_tables[pde]
             lo_j, hi_j = int(seg_lo[s_i]), min(int(seg_hi[s_i]), mp)
@@ -271,6 +275,7 @@ class _Plan:
                                              writable=not self.slot.readonly)
                 sp.gens[ii] = vma.pte_gen[self.idx[sel]]
             kvm.stat["pages_4k"] += nb
+            tdp.leaves_installed += nb
         # accesses (the retried access of a fault, or the one access of a present page)
         acc = np.zeros(n, dtype=bool)
         acc[:npages] = True
@@ -388,6 +393,7 @@ def leaf_table_bulk(tdp, th, it, end: int, op: str, shared: bool) -> Generator:
         if op == "zap":
             sp.spt[t] = U64(0)
             kvm.stat["pages_4k"] -= len(t)
+            tdp.leaves_zapped += len(t)
             _write_backs(tdp, th, old, gens)
         elif op == "wrprot":
             sp.spt[t] = old & ~U64(S.EPT_W)

@@ -59,6 +59,10 @@ class TdpMmu:
         self.frozen: dict[tuple[int, int], str] = {}
         self.roots_freed = 0
         self.root_zaps: list[dict] = []     # who zapped which root, when, how long
+        #: model-only work counters: leaf SPTEs installed and zapped (any level), for the
+        #: "simulated SPTE operations per wall second" figure
+        self.leaves_installed = 0
+        self.leaves_zapped = 0
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -351,6 +355,10 @@ class TdpMmu:
         key = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}.get(level)
         if key:
             self.kvm.stat[key] += delta
+            if delta > 0:
+                self.leaves_installed += delta
+            else:
+                self.leaves_zapped -= delta
 
     def __handle_changed_spte(self, th: "Thread", as_id: int, gfn: int, old: int, new: int,
                               level: int, shared: bool, old_gen: int) -> Generator:

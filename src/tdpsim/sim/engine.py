@@ -88,9 +88,12 @@ class Bulk:
 
     ``resources`` are Resources, or ``(resource, lo, hi)`` when the loop depends only on the
     keys [lo, hi) of it (table entries, pages): ``settle(resource, lo, hi)`` then leaves the
-    bulk alone unless the ranges overlap."""
+    bulk alone unless the ranges overlap.  ``(resource, lo, hi, wlo, whi)`` adds that the
+    loop changes only the keys [wlo, whi) of it (empty if wlo == whi): a reader,
+    ``settle(resource, lo, hi, read=True)``, leaves it alone unless it reads keys the loop
+    changes.  Without a write range the loop may change any key it depends on."""
 
-    __slots__ = ("cum", "apply", "resources", "ranges", "task", "t0", "n")
+    __slots__ = ("cum", "apply", "resources", "ranges", "wranges", "task", "t0", "n")
 
     def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource]):
         if isinstance(costs, tuple):  # (n, uniform cost)
@@ -102,14 +105,19 @@ class Bulk:
         if self.n == 0:
             raise ValueError("empty bulk")
         self.apply = apply
-        res, ranges = [], {}
+        res, ranges, wranges = [], {}, {}
         for r in resources:
             if isinstance(r, tuple):
-                r, lo, hi = r
+                if len(r) == 5:
+                    r, lo, hi, wlo, whi = r
+                    wranges[id(r)] = (wlo, whi)
+                else:
+                    r, lo, hi = r
                 ranges[id(r)] = (lo, hi)
             res.append(r)
         self.resources = tuple(res)
         self.ranges = ranges
+        self.wranges = wranges
         self.task: Task | None = None
         self.t0 = 0
 
@@ -134,7 +142,7 @@ class Engine:
 
     __slots__ = ("strategy", "trace", "granularity", "fast", "now", "current",
                  "record_decisions", "decisions", "events", "_times", "_buckets", "_ids",
-                 "tasks", "timer_owner")
+                 "tasks", "timer_owner", "stopped")
 
     def __init__(self, strategy: Strategy | None = None, trace: Trace | None = None,
                  granularity: str = "exact", record_decisions: bool = True):
@@ -150,6 +158,8 @@ class Engine:
         #: every decision with > 1 choice, in order; read it through ``decision_log()``
         self.decisions: list[tuple] = []
         self.events = 0
+        #: the last ``run`` ended through ``stop()`` (not by running out of events or time)
+        self.stopped = False
         self._times: list[int] = []
         self._buckets: dict[int, list] = {}
         self._ids = count()
@@ -201,6 +211,11 @@ class Engine:
     def wake(self, task: Task, value=None) -> None:
         self.schedule(task, self.now, value)
 
+    @property
+    def idle(self) -> bool:
+        """No event is pending."""
+        return not self._times
+
     def stop(self) -> None:
         """End ``run`` at the current instant (events already due now may not run)."""
         self.call_at(self.now, _raise_stop, "stop")
@@ -241,6 +256,7 @@ class Engine:
         decisions = self.decisions
         record = self.record_decisions
         limit = (1 << 63) if until is None else until
+        self.stopped = False
         bulk_end = _BULK_END
         nevents = 0
         try:
@@ -291,11 +307,12 @@ class Engine:
                 else:
                     raise TypeError(f"task {task.name} yielded {cmd!r}")
         except StopRun:
-            pass
+            self.stopped = True
         finally:
             self.events += nevents
             self.current = None
-        if until is not None and (not times or times[0] > until) and until > self.now:
+        if until is not None and not self.stopped and (not times or times[0] > until) \
+                and until > self.now:
             self.now = until
         return self.now
 
@@ -331,16 +348,24 @@ class Engine:
         bulk.task.bulk = None
         bulk.task._entry = None
 
-    def settle(self, resource: Resource, lo: int | None = None, hi: int | None = None) -> None:
+    def settle(self, resource: Resource, lo: int | None = None, hi: int | None = None,
+               read: bool = False) -> None:
         """Apply pending bulk iterations that depend on ``resource`` (on its keys [lo, hi)
         if given) up to the current event.
 
-        Must be called before the current event reads or changes what those bulks depend on."""
+        Must be called before the current event reads or changes what those bulks depend on.
+        ``read``: the caller only reads keys [lo, hi), so bulks that do not change them (see
+        ``Bulk``) are left running: what it reads is the same whether they are settled or
+        not."""
         for bulk in list(resource.bulks):
             if lo is not None:
                 rng = bulk.ranges.get(id(resource))
                 if rng is not None and (hi <= rng[0] or rng[1] <= lo):
                     continue
+                if read:
+                    w = bulk.wranges.get(id(resource))
+                    if w is not None and (w[0] == w[1] or hi <= w[0] or w[1] <= lo):
+                        continue
             self._settle(bulk)
 
     def _settle(self, bulk: Bulk) -> None:
