@@ -54,7 +54,8 @@ class KnobOpt(click.ParamType):
         from .mmu.policy import Policy
         name, sep, v = value.partition("=")
         if name not in Policy.knobs():
-            self.fail(f"unknown knob {name!r}; known: {', '.join(Policy.knobs())}", param, ctx)
+            self.fail(f"unknown knob {name!r}; expected one of {', '.join(Policy.knobs())}",
+                      param, ctx)
         if v not in ("on", "off"):
             self.fail(f"{name}: expected on or off, got {v!r}", param, ctx)
         return name, v == "on"

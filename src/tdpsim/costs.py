@@ -75,9 +75,10 @@ class CostModel:
 
     def set(self, name: str, ns: int) -> None:
         if name not in COST_TABLE:
-            raise ValueError(f"unknown cost {name!r}; known: {', '.join(sorted(COST_TABLE))}")
+            raise ValueError(f"unknown cost {name!r}; expected one of "
+                             f"{', '.join(sorted(COST_TABLE))}")
         if not isinstance(ns, int) or isinstance(ns, bool) or ns < 1:
-            raise ValueError(f"cost {name} must be an integer number of ns >= 1, got {ns!r}")
+            raise ValueError(f"cost {name}: expected an integer number of ns >= 1, got {ns!r}")
         setattr(self, name, ns)
         self.overrides[name] = ns
 
@@ -92,7 +93,8 @@ def parse_cost_option(text: str) -> tuple[str, int]:
     if not sep:
         raise ValueError(f"expected NAME=NS, got {text!r}")
     if name not in COST_TABLE:
-        raise ValueError(f"unknown cost {name!r}; known: {', '.join(sorted(COST_TABLE))}")
+        raise ValueError(f"unknown cost {name!r}; expected one of "
+                         f"{', '.join(sorted(COST_TABLE))}")
     try:
         ns = int(value)
     except ValueError:

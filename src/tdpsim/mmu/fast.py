@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .x86 import X86Mmu
 
 REGION_SHIFT = 18          # one level-2 table covers 2^18 4 KiB pages (1 GiB)
+PLAN_WINDOW = 4096         # pages planned at first by a populate bulk (widened as needed)
 U64 = np.uint64
 
 
@@ -71,7 +72,6 @@ class FastPaths:
         if not isinstance(guest, TouchGuest):
             return 0
         kvm = self.kvm
-        eng = kvm.engine
         root = vcpu.root
         lock = kvm.mmu_lock
         if root is None or root.invalid or vcpu.requests or lock.writer is not None \
@@ -88,13 +88,35 @@ class FastPaths:
         stride = guest.stride
         region_end = ((gfn0 >> REGION_SHIFT) + 1) << REGION_SHIFT
         limit = min(region_end, slot.end_gfn)
-        n = min(guest.n - guest.pos, -(-(limit - gfn0) // stride))
+        n_all = min(guest.n - guest.pos, -(-(limit - gfn0) // stride))
+        # Plan a window of pages, widened while the bulk would run to its end before
+        # need_resched: a plan is a prefix of the plan of a wider window, so the bulk is the
+        # same, and arrays stay the size of what the bulk can reach (memory, and time when
+        # need_resched comes often).
+        n = min(n_all, PLAN_WINDOW)
+        while True:
+            p = self._plan(vcpu, th, guest, slot, l2, root, gfn0, write, stride, n)
+            if p is None:
+                return 0
+            bulk, whole = p
+            if not whole or n == n_all:
+                break
+            n = min(n_all, 4 * n)
+        k = yield bulk
+        return k
+
+    def _plan(self, vcpu, th, guest, slot, l2, root, gfn0, write, stride, n):
+        """The bulk for the next ``n`` pages at most, and whether it does all of them."""
+        kvm = self.kvm
+        eng = kvm.engine
+        lock = kvm.mmu_lock
+        n_req = n
         gfns = gfn0 + stride * np.arange(n, dtype=np.int64)
         # host PTEs (phase 1 resolves them; a missing one would allocate: exact path)
         hvas = slot.userspace_addr + (gfns - slot.base_gfn) * PAGE
         vma = kvm.mm.find_vma(int(hvas[0]))
         if vma is None:
-            return 0
+            return None
         idx = (hvas - vma.start) // PAGE
         n = _cut(n, idx >= vma.npages)
         idx = idx[:n]
@@ -108,7 +130,7 @@ class FastPaths:
             if in_tlb:
                 n = _cut(n, np.isin(gfns[:n], np.array(in_tlb, dtype=np.int64)))
         if n <= 0:
-            return 0
+            return None
         gfns, idx = gfns[:n], idx[:n]
         # leaf tables of the 2 MiB regions touched: pages come in ascending gfn order, so
         # each PDE is one contiguous segment [seg_lo, seg_hi) of the page arrays
@@ -138,7 +160,7 @@ class FastPaths:
                 break
             leaf_tables[pde] = sp
         if n <= 0:
-            return 0
+            return None
         gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
         nseg = len(leaf_tables)
         seg_pde, seg_lo = seg_pde[:nseg], seg_lo[:nseg]
@@ -157,7 +179,7 @@ class FastPaths:
         odd = (cur != 0) & ~ok_present
         n = _cut(n, odd)
         if n <= 0:
-            return 0
+            return None
         gfns, idx, pdes, absent = gfns[:n], idx[:n], pdes[:n], ~present[:n]
         nseg = int(np.searchsorted(seg_lo, n, side="left"))
         seg_pde, seg_lo = seg_pde[:nseg], seg_lo[:nseg]
@@ -187,7 +209,7 @@ class FastPaths:
         cum = np.cumsum(cost)
         m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
         if m <= 1:
-            return 0
+            return None
         plan = _Plan(self, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
                      pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi,
                      cost)
@@ -205,8 +227,8 @@ class FastPaths:
             lo_j, hi_j = int(seg_lo[s_i]), min(int(seg_hi[s_i]), mp)
             if sp is not None and lo_j < hi_j:
                 resources.append((sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1))
-        k = yield Bulk(cost[:m], plan.apply, resources)
-        return k
+        bulk = Bulk(cost[:m], plan.apply, resources)
+        return bulk, n == n_req and m == total
 
 
 def m_pages(first_step: np.ndarray, m: int) -> int:
@@ -234,7 +256,6 @@ class _Plan:
     def apply(self, k: int) -> None:
         fp, vcpu, kvm = self.fp, self.vcpu, self.fp.kvm
         tdp, pt = fp.tdp, fp.tdp.pt
-        eng = kvm.engine
         gfns, absent, first_step, steps = self.gfns, self.absent, self.first_step, self.steps
         done = np.clip(k - first_step, 0, steps)           # steps done per page
         n = len(gfns)
@@ -380,8 +401,6 @@ def leaf_table_bulk(tdp, th, it, end: int, op: str, shared: bool) -> Generator:
     m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
     if m < 2:
         return 0, False
-    target_m = target[:m]
-    changed = bool(target_m.any())
     gfn0 = it.gfn
 
     def apply(k: int) -> None:

@@ -52,7 +52,7 @@ class Policy:
     def with_knobs(self, **changes: bool) -> "Policy":
         for k in changes:
             if k not in self.knobs():
-                raise ValueError(f"unknown knob {k!r}; known: {', '.join(self.knobs())}")
+                raise ValueError(f"unknown knob {k!r}; expected one of {', '.join(self.knobs())}")
         return replace(self, **changes)
 
 

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from ..costs import CostModel
-from ..host.mm import PAGE
 from ..kvm.memslot import KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS
 from ..kvm.vcpu import TouchGuest
 from ..mmu.policy import Policy, preset
