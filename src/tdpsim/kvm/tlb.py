@@ -46,23 +46,35 @@ class Tlb:
     def __init__(self, capacity: int | None = 1536, psc_capacity: int | None = 32):
         self.capacity = capacity
         self.psc_capacity = psc_capacity
-        self.entries: OrderedDict[int, TlbEntry] = OrderedDict()
+        self._entries: OrderedDict[int, TlbEntry] = OrderedDict()
+        #: fills recorded by ``fill_many`` but not yet turned into entries (see there)
+        self._pending: tuple | None = None
         self.psc: dict[int, OrderedDict[int, int]] = {}
         self.flushes = 0
         self.last_flush_t = 0
         self.hits = 0
         self.misses = 0
 
+    @property
+    def entries(self) -> "OrderedDict[int, TlbEntry]":
+        """gfn -> entry, least recently used first."""
+        if self._pending is not None:
+            self._materialize()
+        return self._entries
+
     def flush(self, now: int = 0) -> None:
-        self.entries.clear()
+        self._entries.clear()
+        self._pending = None
         self.psc.clear()
         self.flushes += 1
         self.last_flush_t = now
 
     def lookup(self, gfn: int) -> TlbEntry | None:
-        e = self.entries.get(gfn)
+        if self._pending is not None:
+            self._materialize()
+        e = self._entries.get(gfn)
         if e is not None:
-            self.entries.move_to_end(gfn)
+            self._entries.move_to_end(gfn)
         return e
 
     def fill(self, gfn: int, e: TlbEntry) -> None:
@@ -71,6 +83,30 @@ class Tlb:
         ents.move_to_end(gfn)
         if self.capacity is not None and len(ents) > self.capacity:
             ents.popitem(last=False)
+
+    def fill_many(self, gfns, pfns, gens, times, writable: bool, dirty: bool,
+                  level: int = 1) -> None:
+        """``fill`` for each of these distinct gfns in order (NumPy arrays of equal length).
+
+        When they are at least ``capacity``, LRU leaves exactly the last ``capacity`` of
+        them, whatever was there before: they are then kept as arrays and only made into
+        entries when the TLB is next read (a vCPU populating memory replaces its whole TLB
+        at every bulk, and most of those TLBs are never read)."""
+        cap = self.capacity
+        if cap is not None and len(gfns) >= cap:
+            self._entries.clear()
+            self._pending = (gfns[-cap:].copy(), pfns[-cap:].copy(), gens[-cap:].copy(),
+                             times[-cap:].copy(), writable, dirty, level)
+            return
+        for g, p, gg, t in zip(gfns.tolist(), pfns.tolist(), gens.tolist(), times.tolist()):
+            self.fill(g, TlbEntry(p, gg, writable, dirty, t, level))
+
+    def _materialize(self) -> None:
+        gfns, pfns, gens, times, writable, dirty, level = self._pending
+        self._pending = None
+        ents = self._entries
+        for g, p, gg, t in zip(gfns.tolist(), pfns.tolist(), gens.tolist(), times.tolist()):
+            ents[g] = TlbEntry(p, gg, writable, dirty, t, level)
 
     def psc_lookup(self, level: int, gfn: int) -> int | None:
         d = self.psc.get(level)

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 
 from ..host.mm import PAGE
-from ..kvm.tlb import TlbEntry
 from ..kvm.vcpu import Fault, TouchGuest
 from ..kvm.vm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
 from ..sim.engine import Bulk
@@ -286,15 +285,24 @@ class _Plan:
         segs = list(zip(self.seg_pde.tolist(), self.seg_lo.tolist(), self.seg_hi.tolist()))
         if nb:
             vma = self.vma
-            for pde, lo_j, hi_j in segs:
-                sel = np.flatnonzero(b_done[lo_j:hi_j]) + lo_j
-                if not len(sel):
+            sel = np.flatnonzero(b_done)
+            vals = S.make_4k_sptes(vma.pte[self.idx[sel]], writable=not self.slot.readonly)
+            gens = vma.pte_gen[self.idx[sel]]
+            ii = gfns[sel] & 511
+            # the installed pages of each table are one run of ``sel``
+            cuts = np.searchsorted(sel, self.seg_lo).tolist() + [len(sel)]
+            for s_i, (pde, _lo, _hi) in enumerate(segs):
+                a, b = cuts[s_i], cuts[s_i + 1]
+                if a == b:
                     continue
                 sp = tables[pde]
-                ii = gfns[sel] & 511
-                sp.spt[ii] = S.make_4k_sptes(vma.pte[self.idx[sel]],
-                                             writable=not self.slot.readonly)
-                sp.gens[ii] = vma.pte_gen[self.idx[sel]]
+                i0, i1 = int(ii[a]), int(ii[b - 1]) + 1
+                if i1 - i0 == b - a:            # contiguous entries: slices
+                    sp.spt[i0:i1] = vals[a:b]
+                    sp.gens[i0:i1] = gens[a:b]
+                else:
+                    sp.spt[ii[a:b]] = vals[a:b]
+                    sp.gens[ii[a:b]] = gens[a:b]
             kvm.stat["pages_4k"] += nb
             tdp.leaves_installed += nb
         # accesses (the retried access of a fault, or the one access of a present page)
@@ -344,16 +352,14 @@ class _Plan:
         """The TLB after ``npages`` accesses in order (LRU: only the last ``capacity``)."""
         cap = tlb.capacity
         keep = npages if cap is None else min(npages, cap)
-        first = npages - keep
+        j = np.arange(npages - keep, npages)
         # access time of page j: start of its last step
-        eng_t0 = self.t0
+        last_step = (self.first_step + self.steps - 1)[j]
         cost_cum = np.cumsum(self.cost)
-        vma, idx, gfns = self.vma, self.idx, self.gfns
-        last_step = self.first_step + self.steps - 1
-        for j in range(first, npages):
-            t = eng_t0 + (int(cost_cum[last_step[j] - 1]) if last_step[j] else 0)
-            tlb.fill(int(gfns[j]), TlbEntry(int(vma.pte[idx[j]]), int(vma.pte_gen[idx[j]]),
-                                            not self.slot.readonly, self.write, t, 1))
+        times = self.t0 + np.where(last_step > 0, cost_cum[np.maximum(last_step - 1, 0)], 0)
+        ii = self.idx[j]
+        tlb.fill_many(self.gfns[j], self.vma.pte[ii], self.vma.pte_gen[ii], times,
+                      not self.slot.readonly, self.write)
 
 
 # ---- leaf-table bulks: zap leaves, write-protect, clear dirty --------------------------
