@@ -77,6 +77,13 @@ class Tlb:
             self._entries.move_to_end(gfn)
         return e
 
+    def gfns_in(self, lo: int, hi: int) -> list[int]:
+        """The gfns in [lo, hi) that have an entry (without touching the LRU order)."""
+        if self._pending is not None:           # then the entries are the pending ones
+            g = self._pending[0]
+            return g[(g >= lo) & (g < hi)].tolist()
+        return [g for g in self._entries if lo <= g < hi]
+
     def fill(self, gfn: int, e: TlbEntry) -> None:
         ents = self.entries
         ents[gfn] = e

@@ -123,9 +123,8 @@ class FastPaths:
         n = _cut(n, pfns < 0)
         # TLB entries: a hit is not modelled in bulk
         tlb = vcpu.tlb
-        if n and tlb.entries and max(tlb.entries) >= int(gfns[0]):
-            lo, hi = int(gfns[0]), int(gfns[n - 1]) + 1
-            in_tlb = [g for g in tlb.entries if lo <= g < hi]
+        if n:
+            in_tlb = tlb.gfns_in(int(gfns[0]), int(gfns[n - 1]) + 1)
             if in_tlb:
                 n = _cut(n, np.isin(gfns[:n], np.array(in_tlb, dtype=np.int64)))
         if n <= 0:
@@ -134,30 +133,35 @@ class FastPaths:
         # leaf tables of the 2 MiB regions touched: pages come in ascending gfn order, so
         # each PDE is one contiguous segment [seg_lo, seg_hi) of the page arrays
         pdes = (gfns >> 9) & 511
-        seg_pde, seg_lo = np.unique(pdes, return_index=True)
+        seg_lo = np.concatenate(([0], np.flatnonzero(np.diff(pdes)) + 1))
+        seg_pde = pdes[seg_lo]
         seg_hi = np.append(seg_lo[1:], n)
         leaf_tables: dict[int, object] = {}
-        for s_i, pde in enumerate(seg_pde.tolist()):
-            lo_j, hi_j = int(seg_lo[s_i]), int(seg_hi[s_i])
-            if lo_j >= n:
-                break
+        nseg = int(np.searchsorted(seg_lo, n, side="left"))     # segments that start < n
+        if nseg:
             if l2.bulks:
-                eng.settle(l2, pde, pde + 1, read=True)
-            e = int(l2.spt[pde])
-            sp = None
-            if e != 0:
-                if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
+                eng.settle(l2, int(seg_pde[0]), int(seg_pde[nseg - 1]) + 1, read=True)
+            ents = l2.spt[seg_pde[:nseg]].tolist()
+            g_lo = gfns[seg_lo[:nseg]].tolist()
+            g_hi = gfns[seg_hi[:nseg] - 1].tolist()
+            psc2 = tlb.psc.get(2) or {}
+            lookup = self.tdp.pt.by_pfn.get
+            for pde, lo_j, e, g0, g1 in zip(seg_pde.tolist(), seg_lo.tolist(), ents, g_lo,
+                                            g_hi):
+                sp = None
+                if e != 0:
+                    if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
+                        n = lo_j
+                        break
+                    sp = lookup(S.spte_to_pfn(e))
+                    if sp.bulks:
+                        eng.settle(sp, g0 & 511, (g1 & 511) + 1)
+                # the PDE cache must not point at another table
+                c = psc2.get(g0 >> 9)
+                if c is not None and (sp is None or c != sp.pfn):
                     n = lo_j
                     break
-                sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
-                if sp.bulks:
-                    eng.settle(sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1)
-            # the PDE cache must not point at another table
-            c = tlb.psc_lookup(2, int(gfns[lo_j]))
-            if c is not None and (sp is None or c != sp.pfn):
-                n = lo_j
-                break
-            leaf_tables[pde] = sp
+                leaf_tables[pde] = sp
         if n <= 0:
             return None
         gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
@@ -226,7 +230,8 @@ class FastPaths:
             lo_j, hi_j = int(seg_lo[s_i]), min(int(seg_hi[s_i]), mp)
             if sp is not None and lo_j < hi_j:
                 resources.append((sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1))
-        bulk = Bulk(cost[:m], plan.apply, resources)
+        plan.cum = cum
+        bulk = Bulk(None, plan.apply, resources, cum=cum[:m])
         return bulk, n == n_req and m == total
 
 
@@ -355,7 +360,7 @@ class _Plan:
         j = np.arange(npages - keep, npages)
         # access time of page j: start of its last step
         last_step = (self.first_step + self.steps - 1)[j]
-        cost_cum = np.cumsum(self.cost)
+        cost_cum = self.cum
         times = self.t0 + np.where(last_step > 0, cost_cum[np.maximum(last_step - 1, 0)], 0)
         ii = self.idx[j]
         tlb.fill_many(self.gfns[j], self.vma.pte[ii], self.vma.pte_gen[ii], times,
@@ -425,7 +430,8 @@ def leaf_table_bulk(tdp, th, it, end: int, op: str, shared: bool) -> Generator:
         else:
             sp.spt[t] = old & ~U64(S.SHADOW_DIRTY)
 
-    k = yield Bulk(cost[:m], apply, [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)])
+    k = yield Bulk(None, apply, [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)],
+                   cum=cum[:m])
     # leave the iterator on the last entry done, as k-1 side steps would have
     last = i0 + k - 1
     it.index = last

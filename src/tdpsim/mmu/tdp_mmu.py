@@ -441,25 +441,26 @@ class TdpMmu:
                     break
                 yield 20        # poll the frozen entry (cpu_relax loop)
         old = spt.copy()
-        gens = sp.gens.copy()
         present = S.present_mask(old)
         spt[:] = U64(S.REMOVED_SPTE)
         level = sp.level
-        cost = int((~present).sum()) * self.costs.spte_visit
-        leaves = S.leaf_mask(old, level)
-        nleaves = int(leaves.sum())
+        # at level 1 every present entry is a leaf
+        leaves = present if level == 1 else S.leaf_mask(old, level)
+        nleaves = int(np.count_nonzero(leaves))
+        cost = (S.SPTE_ENTRIES - int(np.count_nonzero(present))) * self.costs.spte_visit
         if nleaves:
             self._update_page_stats(level, -nleaves)
-            self._write_back_many(th, old[leaves], gens[leaves])
+            self._write_back_many(th, old[leaves], sp.gens[leaves])
             cost += nleaves * self.costs.spte_zap_4k
-        for i in np.flatnonzero(present & ~leaves).tolist():
-            child = self.pt.lookup(S.spte_to_pfn(int(old[i])))
-            if child is None:
-                self.host.report("use_after_free", th, pfn=S.spte_to_pfn(int(old[i])),
-                                 what="handle_removed_pt of a freed table", reused=False,
-                                 now_owner=None)
-                continue
-            yield from self.handle_removed_pt(th, child, shared)
+        if level > 1:
+            for i in np.flatnonzero(present & ~leaves).tolist():
+                child = self.pt.lookup(S.spte_to_pfn(int(old[i])))
+                if child is None:
+                    self.host.report("use_after_free", th, pfn=S.spte_to_pfn(int(old[i])),
+                                     what="handle_removed_pt of a freed table", reused=False,
+                                     now_owner=None)
+                    continue
+                yield from self.handle_removed_pt(th, child, shared)
         if not self.policy.deferred_flush:
             yield from kvm.flush_remote_tlbs_with_address(th, sp.gfn, sp.span())
         self.host.rcu.call_rcu(lambda: self._free_sp_rcu(sp))
@@ -470,10 +471,12 @@ class TdpMmu:
         """kvm_set_pfn_dirty / kvm_set_pfn_accessed for many zapped leaves at once."""
         mem = self.host.memory
         wb = (sptes & U64(S.SHADOW_DIRTY | S.SHADOW_ACCESSED)) != 0
-        if not wb.any():
+        if wb.all():
+            pfns, g = S.pfns_of(sptes), gens
+        elif not wb.any():
             return
-        pfns = S.pfns_of(sptes[wb])
-        g = gens[wb]
+        else:
+            pfns, g = S.pfns_of(sptes[wb]), gens[wb]
         live = (mem.state[pfns] == 1) & (mem.gen[pfns] == g)
         if not live.all():
             for p, gg in zip(pfns[~live].tolist(), g[~live].tolist()):

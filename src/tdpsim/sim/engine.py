@@ -95,8 +95,11 @@ class Bulk:
 
     __slots__ = ("cum", "apply", "resources", "ranges", "wranges", "task", "t0", "n")
 
-    def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource]):
-        if isinstance(costs, tuple):  # (n, uniform cost)
+    def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource],
+                 cum: np.ndarray | None = None):
+        if cum is not None:           # the caller's running sum of ``costs`` (int64)
+            self.cum = cum
+        elif isinstance(costs, tuple):  # (n, uniform cost)
             n, c = costs
             self.cum = np.arange(1, n + 1, dtype=np.int64) * c
         else:
