@@ -145,3 +145,33 @@ def test_bulk_settle_matches_exact_iteration_by_iteration(read_at):
 def test_bulk_needs_positive_length():
     with pytest.raises(ValueError):
         Bulk(np.array([], dtype=np.int64), lambda k: None, [])
+
+
+def test_read_settle_leaves_a_bulk_alone_unless_it_writes_the_keys_read():
+    """A bulk depending on keys [0, 100) of a table and writing only [40, 50): a reader of
+    [0, 10) does not cut it, a reader of [45, 46) does, and so does any writer."""
+    def run_with(settles):
+        eng = Engine()
+        table = Resource()
+        applied = []
+
+        def looper():
+            done = 0
+            while done < 100:
+                done += yield Bulk((100 - done, 10), lambda k: applied.append(k),
+                                   [(table, 0, 100, 40, 50)])
+
+        def reader():
+            for lo, hi, read in settles:
+                yield 105
+                eng.settle(table, lo, hi, read=read)
+
+        eng.spawn(looper(), "looper")
+        eng.spawn(reader(), "reader")
+        eng.run()
+        return applied
+
+    assert run_with([(0, 10, True)]) == [100]              # reads keys the bulk never writes
+    assert run_with([(45, 46, True)]) == [11, 89]          # reads a key it writes: settled
+    assert run_with([(0, 10, False)]) == [11, 89]          # a writer always settles
+    assert run_with([(100, 200, False)]) == [100]          # outside what the bulk depends on

@@ -483,3 +483,23 @@ def test_tlb_flush_empties_tlb_and_psc():
     tlb.flush(now=77)
     assert not tlb.entries and tlb.psc_lookup(2, 0) is None and not tlb.psc
     assert tlb.flushes == 1 and tlb.last_flush_t == 77
+
+
+def test_tlb_fill_many_is_the_same_as_filling_one_by_one():
+    """Filling at least ``capacity`` entries at once is kept as arrays until the TLB is read;
+    what is read then must be what per-entry LRU fills would have left."""
+    import numpy as np
+    for n in (3, 8, 20):
+        a, b = Tlb(8, 4), Tlb(8, 4)
+        for t in (a, b):
+            t.fill(1000, TlbEntry(1, 1, True, True, 0, 1))
+            t.fill(5, TlbEntry(9, 1, True, True, 0, 1))
+        g = np.arange(n, dtype=np.int64) * 3
+        p, gen, tm = g + 100, np.ones(n, dtype=np.uint32), g * 10
+        a.fill_many(g, p, gen, tm, True, False)
+        for i in range(n):
+            b.fill(int(g[i]), TlbEntry(int(p[i]), 1, True, False, int(tm[i]), 1))
+        assert sorted(a.gfns_in(0, 10**6)) == sorted(b.entries)
+        assert [(k, e.pfn, e.fill_t, e.dirty) for k, e in a.entries.items()] == \
+            [(k, e.pfn, e.fill_t, e.dirty) for k, e in b.entries.items()]
+        assert (a.lookup(int(g[-1])) is None) == (b.lookup(int(g[-1])) is None)

@@ -44,6 +44,9 @@ class Mailbox:
     def loop(self, th, handle):
         self.th = th
         while True:
+            # busy from here until it blocks below: a put must not wake it while a command
+            # blocks it elsewhere (a flush, a lock), which would be a spurious wakeup
+            self.idle = False
             while self.q:
                 cmd = self.q.popleft()
                 if cmd is None:

@@ -87,10 +87,10 @@ class Workqueue:
     def flush(self, th: "Thread") -> Generator:
         """``flush_workqueue``: wait for everything queued before now."""
         target = self.seq
-        if not any(s <= target for s in self.inflight):
-            return
-        self._flushers.append((target, th))
-        yield from self.host.sched.block(th)
+        # re-checked after every wakeup, as the kernel's wait for the flush completion is
+        while any(s <= target for s in self.inflight):
+            self._flushers.append((target, th))
+            yield from self.host.sched.block(th)
 
     def destroy(self, th: "Thread") -> Generator:
         """``destroy_workqueue``: drain, then retire the workers."""
