@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..mmu import spte as S
 
 if TYPE_CHECKING:
@@ -71,6 +73,8 @@ class Tlb:
 
     def lookup(self, gfn: int) -> TlbEntry | None:
         if self._pending is not None:
+            if not (self._pending[0] == gfn).any():
+                return None                     # a miss changes nothing
             self._materialize()
         e = self._entries.get(gfn)
         if e is not None:
@@ -82,7 +86,10 @@ class Tlb:
         if self._pending is not None:           # then the entries are the pending ones
             g = self._pending[0]
             return g[(g >= lo) & (g < hi)].tolist()
-        return [g for g in self._entries if lo <= g < hi]
+        ents = self._entries
+        if hi - lo < len(ents):
+            return [g for g in range(lo, hi) if g in ents]
+        return sorted(g for g in ents if lo <= g < hi)
 
     def fill(self, gfn: int, e: TlbEntry) -> None:
         ents = self.entries
@@ -92,28 +99,43 @@ class Tlb:
             ents.popitem(last=False)
 
     def fill_many(self, gfns, pfns, gens, times, writable: bool, dirty: bool,
-                  level: int = 1) -> None:
+                  level: int = 1, executable: bool = True) -> None:
         """``fill`` for each of these distinct gfns in order (NumPy arrays of equal length).
 
-        When they are at least ``capacity``, LRU leaves exactly the last ``capacity`` of
-        them, whatever was there before: they are then kept as arrays and only made into
-        entries when the TLB is next read (a vCPU populating memory replaces its whole TLB
-        at every bulk, and most of those TLBs are never read)."""
-        cap = self.capacity
-        if cap is not None and len(gfns) >= cap:
-            self._entries.clear()
-            self._pending = (gfns[-cap:].copy(), pfns[-cap:].copy(), gens[-cap:].copy(),
-                             times[-cap:].copy(), writable, dirty, level)
+        While the TLB holds only such fills, they are kept as arrays (the newest
+        ``capacity`` of them, which is what LRU leaves when the gfns are distinct) and made
+        into entries only when the TLB is next read: a vCPU populating memory refills its
+        TLB at every bulk, and most of those TLBs are never read."""
+        n = len(gfns)
+        if not n:
             return
-        for g, p, gg, t in zip(gfns.tolist(), pfns.tolist(), gens.tolist(), times.tolist()):
-            self.fill(g, TlbEntry(p, gg, writable, dirty, t, level))
+        flags = np.array([(writable, dirty, level, executable)], dtype=np.int64)
+        new = (gfns, pfns, gens, times, np.repeat(flags, n, axis=0))
+        cap = self.capacity
+        if self._entries:
+            if cap is None or n < cap:
+                self._fill_each(*new)
+                return
+            self._entries.clear()               # all of them are evicted
+        elif self._pending is not None:
+            old = self._pending
+            if np.isin(gfns, old[0]).any():     # a refill: LRU order is not a concatenation
+                self._materialize()
+                self._fill_each(*new)
+                return
+            new = tuple(np.concatenate((o, x)) for o, x in zip(old, new))
+        if cap is not None:
+            new = tuple(x[-cap:] for x in new)
+        self._pending = tuple(x.copy() for x in new)
+
+    def _fill_each(self, gfns, pfns, gens, times, flags) -> None:
+        for g, p, gg, t, (w, d, lv, x) in zip(gfns.tolist(), pfns.tolist(), gens.tolist(),
+                                              times.tolist(), flags.tolist()):
+            self.fill(g, TlbEntry(p, gg, bool(w), bool(d), t, lv, bool(x)))
 
     def _materialize(self) -> None:
-        gfns, pfns, gens, times, writable, dirty, level = self._pending
-        self._pending = None
-        ents = self._entries
-        for g, p, gg, t in zip(gfns.tolist(), pfns.tolist(), gens.tolist(), times.tolist()):
-            ents[g] = TlbEntry(p, gg, writable, dirty, t, level)
+        pend, self._pending = self._pending, None
+        self._fill_each(*pend)
 
     def psc_lookup(self, level: int, gfn: int) -> int | None:
         d = self.psc.get(level)

@@ -78,9 +78,10 @@ class FastPaths:
             return 0
         gfn0, write = guest.current()[:2]
         slot = kvm.memslots[0].find(gfn0)
-        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
-                or slot.host_level_pages > 1:
+        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly):
             return 0
+        if slot.host_level_pages > 1:
+            return (yield from self._huge_bulk(vcpu, th, guest, gfn0, write))
         l2 = self._table(root, gfn0, 2)
         if l2 is None:
             return 0
@@ -102,6 +103,66 @@ class FastPaths:
                 break
             n = min(n_all, 4 * n)
         k = yield bulk
+        return k
+
+    def _huge_bulk(self, vcpu, th, guest, gfn0: int, write: bool) -> Generator:
+        """Accesses through a present huge leaf (hugetlb backing, ``-H``): each page of the
+        huge page is a TLB miss whose walk finds the leaf with A (and D) already set, so it
+        changes nothing but the TLB: one ``guest_access`` step per page.  Anything else
+        (absent leaf, A/D to set, a TLB hit, a freed host page) is left to the exact path."""
+        kvm = self.kvm
+        eng = kvm.engine
+        sp, level = vcpu.root, vcpu.root.level
+        path = []
+        while True:                              # the walk hw_walk does, reading only
+            i = S.spte_index(gfn0, level)
+            if sp.bulks:
+                eng.settle(sp, i, i + 1, read=True)
+            e = int(sp.spt[i])
+            if not S.is_shadow_present_pte(e):
+                return 0
+            path.append((sp, i, i + 1, 0, 0))     # read, never written by this bulk
+            if S.is_last_spte(e, level):
+                break
+            sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
+            level -= 1
+            if sp is None or level == 1:
+                return 0                         # 4 KiB leaves: the populate bulk's job
+        need = S.SHADOW_ACCESSED | ((S.EPT_W | S.SHADOW_DIRTY) if write else 0)
+        if (e & need) != need:
+            return 0
+        span = S.pages_per_hpage(level)
+        stride = guest.stride
+        end = (gfn0 & -span) + span
+        n = min(guest.n - guest.pos, -(-(end - gfn0) // stride))
+        gfns = gfn0 + stride * np.arange(n, dtype=np.int64)
+        in_tlb = vcpu.tlb.gfns_in(gfn0, int(gfns[-1]) + 1)
+        if in_tlb:
+            n = _cut(n, np.isin(gfns, np.array(in_tlb, dtype=np.int64)))
+        gen = int(sp.gens[i])
+        pfns = S.spte_to_pfn(e) + (gfns[:n] & (span - 1))
+        mem = kvm.host.memory
+        ok = (pfns > 0) & (pfns < len(mem.state))
+        live = np.zeros(n, dtype=bool)
+        live[ok] = (mem.state[pfns[ok]] == 1) & (mem.gen[pfns[ok]] == gen)
+        n = _cut(n, ~live)
+        ga = kvm.costs.guest_access
+        room = th.host.sched.need_resched_at(th.cpu) - eng.now
+        m = min(n, (room - 1) // ga + 1) if room > 0 else 0
+        if m < 1:
+            return 0
+        t0 = eng.now
+        tlb = vcpu.tlb
+
+        def apply(k: int) -> None:
+            tlb.misses += k
+            tlb.fill_many(gfns[:k], pfns[:k], np.full(k, gen, dtype=np.uint32),
+                          t0 + ga * np.arange(k, dtype=np.int64), bool(e & S.EPT_W), write,
+                          level, bool(e & S.EPT_X))
+            guest.pos += k
+            vcpu.mode = IN_GUEST_MODE
+
+        k = yield Bulk((m, ga), apply, [vcpu, th.cpu, mem, *path])
         return k
 
     def _plan(self, vcpu, th, guest, slot, l2, root, gfn0, write, stride, n):

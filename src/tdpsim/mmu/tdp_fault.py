@@ -53,7 +53,7 @@ def kvm_tdp_mmu_map(mmu: "TdpMmu", vcpu: "Vcpu", th: "Thread", fault: "Fault",
     gfn = fault.gfn
     it = TdpIter(pt, root, S.PG_LEVEL_4K, gfn)
     while it.valid and it.gfn < gfn + 1:
-        mmu.touch(it.sp, it.index)
+        mmu.touch(it.sp, it.index, read=True)       # changes go through set_spte_atomic
         it.old_spte = int(it.sp.spt[it.index])
         if nx_workaround:
             disallowed_hugepage_adjust(fault, it.old_spte, it.level)

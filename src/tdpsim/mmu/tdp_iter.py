@@ -53,7 +53,9 @@ class TdpIter:
     def _read(self) -> None:
         sp = self.sp
         if sp.bulks:      # a fast-mode bulk may be writing this entry: settle it first
-            self.pt.host.engine.settle(sp, self.index, self.index + 1)
+            # (a read: bulks that only read the entry stay; every write of an entry settles
+            # as a writer first, in TdpMmu.touch)
+            self.pt.host.engine.settle(sp, self.index, self.index + 1, read=True)
         if sp.freed:
             # reading a freed table: poison looks like present leaves, so say it here
             self.pt.host.report("use_after_free", None, pfn=sp.pfn,

@@ -70,14 +70,14 @@ class TdpMmu:
         """A kernel WARN_ON(_ONCE) fired: reported as a finding by the check layer."""
         self.host.report("warn", th, warn=name, **details)
 
-    def touch(self, sp: ShadowPage, index: int | None = None) -> None:
-        """Settle fast-mode bulks writing into ``sp`` (entry ``index`` only, if given)
-        before reading or writing it."""
+    def touch(self, sp: ShadowPage, index: int | None = None, read: bool = False) -> None:
+        """Settle fast-mode bulks depending on ``sp`` (entry ``index`` only, if given)
+        before writing it, or, with ``read``, those that write the entry before reading it."""
         if sp.bulks:
             if index is None:
                 self.engine.settle(sp)
             else:
-                self.engine.settle(sp, index, index + 1)
+                self.engine.settle(sp, index, index + 1, read=read)
 
     # ---- roots ----------------------------------------------------------------------------
 
