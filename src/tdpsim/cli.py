@@ -233,8 +233,9 @@ def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, 
     GiB through memslots aliasing one backing region, reset every vCPU's MMU context,
     populate again, delete the even memslots, unmap half the backing, exit.  Prints the
     selftest's lines, the symptoms, the oracle verdict, and the simulator's own costs."""
-    from .workloads import max_guest_memory as mgm
+    from .mmu.policy import label
     from .report.max_guest_memory import render
+    from .workloads import max_guest_memory as mgm
     kernels = kernel or (None,)
     policies = [load_policy(k, knobs, config) for k in kernels]
     cfg = mgm.MgmConfig(vcpus=vcpus, max_mem_gib=max_mem, slot_gib=slot_size,
@@ -249,7 +250,7 @@ def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, 
     for pol in policies:
         if show:
             from .report.progress import PhaseProgress
-            with PhaseProgress(mgm.kernel_label(pol)) as bar:
+            with PhaseProgress(label(pol)) as bar:
                 results.append(mgm.run(cfg, pol, on_slice=bar.update))
         else:
             results.append(mgm.run(cfg, pol))

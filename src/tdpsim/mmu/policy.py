@@ -66,6 +66,19 @@ def preset(name: str) -> Policy:
         raise ValueError(f"kernel: expected one of {', '.join(PRESETS)}, got {name!r}") from None
 
 
+def label(policy: Policy) -> str:
+    """The preset's name, or the nearest preset followed by the knobs that differ from it
+    (``5.18 async_defunct_zap=off``)."""
+    best = None
+    for name, base in PRESETS.items():
+        diff = [f"{f.name}={'on' if getattr(policy, f.name) else 'off'}"
+                for f in fields(Policy) if getattr(base, f.name) != getattr(policy, f.name)]
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    name, diff = best
+    return " ".join([name, *diff])
+
+
 def check_supported(policy: Policy) -> None:
     """Refuse knob combinations the model cannot run (none so far: every knob has both its
     5.17 and its 5.18 side, and mixed combinations run, bugs included, for the oracles to

@@ -31,13 +31,13 @@ Deliberate differences (docs/design-notes.md, "max-guest-memory"):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ..costs import CostModel
 from ..kvm.memslot import KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS
 from ..kvm.vcpu import TouchGuest
-from ..mmu.policy import Policy, preset
+from ..mmu.policy import Policy, label, preset
 from ..report import rss
 from .vm import GPA_4G_GFN, VmHarness
 
@@ -184,7 +184,6 @@ class Progress:
     phase: str = "setup"
     done: int = 0
     total: int = 0
-    phase_start_ns: dict = field(default_factory=dict)
 
 
 def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
@@ -230,10 +229,8 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
                    for i, v in enumerate(h.vcpus)]
         for name in PHASES[:4]:
             prog.phase, prog.done = name, 0
-            prog.phase_start_ns[name] = eng.now
             stamps[name] = yield from rv.boss_wait(th)
         prog.phase = "delete slots"
-        prog.phase_start_ns["delete slots"] = eng.now
         even = range(lay.nslots & ~1, FIRST_SLOT - 1, -2)     # highest first
         prog.total = len(even)
         for k, slot in enumerate(even):
@@ -241,13 +238,11 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
             yield from h.kvm.set_user_memory_region(th, slot, 0, 0, 0, 0)
         stamps["delete slots"] = eng.now
         prog.phase = "munmap"
-        prog.phase_start_ns["munmap"] = eng.now
         yield from h.mm.munmap(th, h.hva, slot_pages // 2)
         stamps["munmap"] = eng.now
         for t in threads:
             yield from host.join(th, t)
         prog.phase = "exit"
-        prog.phase_start_ns["exit"] = eng.now
         yield from h.mm.exit(th)                      # mmu_notifier release
         yield from h.arch.destroy(th)                 # the last fd closed: kvm_destroy_vm
         stamps["exit"] = eng.now
@@ -269,20 +264,8 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
     return _result(cfg, lay, pol, h, stamps, wall)
 
 
-def kernel_label(pol: Policy) -> str:
-    """'5.18', '5.17', or the nearest preset with the knobs that differ from it."""
-    best = None
-    for name in ("5.18", "5.17"):
-        base = asdict(preset(name))
-        diff = [f"{k}={'on' if v else 'off'}" for k, v in asdict(pol).items() if base[k] != v]
-        if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
-    name, diff = best
-    return name if not diff else f"{name} {' '.join(diff)}"
-
-
 def _result(cfg, lay, pol, h, stamps, wall) -> dict:
-    kernel = kernel_label(pol)
+    kernel = label(pol)
     tdp = h.tdp
     ops = tdp.leaves_installed + tdp.leaves_zapped
     sel = {

@@ -115,7 +115,6 @@ class VmHarness:
         """The logical content of every root: {root index: {gfn: (level, leaf spte)}}.
 
         Page-table PFNs are left out (they depend on the order of allocations)."""
-        from ..mmu import spte as S
         out = {}
         for r_i, root in enumerate(self.tdp.roots):
             leaves = {}

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from ..host.mm import PAGE
 from ..kvm.vcpu import TouchGuest
-from ..mmu.policy import Policy, preset
+from ..mmu.policy import PRESETS, Policy, label
 from .vm import VmHarness
 
 SLOT_PAGES = 16384           # 64 MiB per memslot
@@ -38,10 +38,9 @@ def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: s
 
     h.spawn(vmm, "vmm")
     h.run()
-    known = preset("5.18"), preset("5.17")
-    name = next((k for k, p in zip(("5.18", "5.17"), known) if p == policy), "custom")
+    name = label(policy)
     return {
-        "kernel": name,
+        "kernel": name if name in PRESETS else "custom",
         "knobs": asdict(policy),
         "config": {"vcpus": nvcpus, "slots": nslots, "seed": seed, "strategy": strategy,
                    "granularity": granularity},
@@ -61,7 +60,7 @@ def render(s: dict) -> str:
         + f", {s['config']['vcpus']} vCPUs, {s['config']['slots']} x 64 MiB slots, "
           f"{s['config']['granularity']}",
         f"simulated time {s['sim_end_s']:.6f} s",
-        f"root zaps: " + ", ".join(f"root#{z['root']} by {z['task']} "
+        "root zaps: " + ", ".join(f"root#{z['root']} by {z['task']} "
                                    f"({z['ns'] / 1e6:.3f} ms, "
                                    f"{'read' if z['shared'] else 'write'} lock)"
                                    for z in sy["root_zaps"]),
