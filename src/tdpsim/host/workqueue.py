@@ -87,10 +87,14 @@ class Workqueue:
     def flush(self, th: "Thread") -> Generator:
         """``flush_workqueue``: wait for everything queued before now."""
         target = self.seq
-        # re-checked after every wakeup, as the kernel's wait for the flush completion is
+        # re-checked after every wakeup, as the kernel's wait for the flush completion is;
+        # a wakeup from elsewhere leaves our entry registered: drop it before waiting again
         while any(s <= target for s in self.inflight):
-            self._flushers.append((target, th))
+            entry = (target, th)
+            self._flushers.append(entry)
             yield from self.host.sched.block(th)
+            if entry in self._flushers:
+                self._flushers.remove(entry)
 
     def destroy(self, th: "Thread") -> Generator:
         """``destroy_workqueue``: drain, then retire the workers."""

@@ -106,12 +106,14 @@ class Tlb:
         ``capacity`` of them, which is what LRU leaves when the gfns are distinct) and made
         into entries only when the TLB is next read: a vCPU populating memory refills its
         TLB at every bulk, and most of those TLBs are never read."""
+        cap = self.capacity
+        if cap is not None:                     # older fills of these are evicted anyway
+            gfns, pfns, gens, times = gfns[-cap:], pfns[-cap:], gens[-cap:], times[-cap:]
         n = len(gfns)
         if not n:
             return
         flags = np.array([(writable, dirty, level, executable)], dtype=np.int64)
         new = (gfns, pfns, gens, times, np.repeat(flags, n, axis=0))
-        cap = self.capacity
         if self._entries:
             if cap is None or n < cap:
                 self._fill_each(*new)
