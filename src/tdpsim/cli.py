@@ -96,6 +96,41 @@ def _costs(pairs) -> CostModel:
     return CostModel(dict(pairs))
 
 
+def _options(*opts):
+    """Apply click options in the order listed (as stacked decorators would)."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def run_options(strategy: str, costs: bool):
+    """--seed, --strategy, --granularity (and --cost): how every run is driven."""
+    opts = [
+        click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True),
+        click.option("--strategy", type=click.Choice(["fifo", "random"]), default=strategy,
+                     show_default=True,
+                     help="who decides simultaneous events and other choices"),
+        click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
+                     show_default=True),
+    ]
+    if costs:
+        opts.append(click.option("--cost", "cost", type=CostOpt(), multiple=True,
+                                 help="override a cost, NAME=NS (repeatable)"))
+    return _options(*opts)
+
+
+#: --knob and --config: the policy on top of --kernel (read by ``load_policy``)
+policy_options = _options(
+    click.option("--knob", "knobs", type=KnobOpt(), multiple=True,
+                 help="switch one behavioural change, NAME=on|off (repeatable; applies to "
+                      "every kernel)"),
+    click.option("--config", type=click.Path(dir_okay=False),
+                 help='TOML file: kernel = "5.17" and a [knobs] table of name = true|false'),
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tdpsim")
 def cli() -> None:
@@ -112,13 +147,7 @@ def cli() -> None:
               help="threads taking the rwlock for write")
 @click.option("--stuck-s", type=Int(0, 3600), default=25, show_default=True,
               help="a thread spins this many simulated seconds holding RCU (0: none)")
-@click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True)
-@click.option("--strategy", type=click.Choice(["fifo", "random"]), default="random",
-              show_default=True, help="who decides simultaneous events and other choices")
-@click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
-              show_default=True)
-@click.option("--cost", "cost", type=CostOpt(), multiple=True,
-              help="override a cost, NAME=NS (repeatable)")
+@run_options(strategy="random", costs=True)
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False, writable=True),
               help="write the event trace (JSON Lines) to this file")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
@@ -154,18 +183,11 @@ def demo(cpus, loopers, iterations, writers, stuck_s, seed, strategy, granularit
 @cli.command()
 @click.option("--kernel", type=click.Choice(["5.17", "5.18"]), default=None,
               help="kernel preset (default 5.18, or the config file's)")
-@click.option("--knob", "knobs", type=KnobOpt(), multiple=True,
-              help="switch one behavioural change, NAME=on|off (repeatable)")
-@click.option("--config", type=click.Path(dir_okay=False),
-              help='TOML file: kernel = "5.17" and a [knobs] table of name = true|false')
+@policy_options
 @click.option("--vcpus", type=Int(1, 64), default=2, show_default=True)
 @click.option("--slots", type=Int(1, 64), default=4, show_default=True,
               help="memslots of 64 MiB, all aliasing one memfd")
-@click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True)
-@click.option("--strategy", type=click.Choice(["fifo", "random"]), default="fifo",
-              show_default=True)
-@click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
-              show_default=True)
+@run_options(strategy="fifo", costs=False)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True))
 def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, json_file):
     """A small VM on the chosen kernel: vCPUs populate guest memory, reset their MMU
@@ -209,20 +231,11 @@ class KernelList(click.ParamType):
 @click.option("-H", "--hugetlb", is_flag=True, help="back guest memory with 2 MiB hugetlb")
 @click.option("--kernel", type=KernelList(), default=None,
               help="5.18, 5.17, or 5.17,5.18 to compare  [default: 5.18, or the config's]")
-@click.option("--knob", "knobs", type=KnobOpt(), multiple=True,
-              help="switch one behavioural change, NAME=on|off (repeatable; every kernel)")
-@click.option("--config", type=click.Path(dir_okay=False),
-              help='TOML file: kernel = "5.17" and a [knobs] table of name = true|false')
+@policy_options
 @click.option("--maxphyaddr", type=Int(36, 52), default=46, show_default=True,
               help="host (and guest) MAXPHYADDR; above 48 the root has 5 levels")
 @click.option("--host-cpus", type=Int(1, 8192), default=16, show_default=True)
-@click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True)
-@click.option("--strategy", type=click.Choice(["fifo", "random"]), default="fifo",
-              show_default=True, help="who decides simultaneous events and other choices")
-@click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
-              show_default=True)
-@click.option("--cost", "cost", type=CostOpt(), multiple=True,
-              help="override a cost, NAME=NS (repeatable)")
+@run_options(strategy="fifo", costs=True)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
               help="write every figure to this file (schema: docs/max-guest-memory.md)")
 @click.option("--progress/--no-progress", default=None,
