@@ -296,7 +296,7 @@ def test_knob_removed_spte_checks():
     for on in (True, False):
         h = populated("removed_spte_checks", on)
         sp = next(sp for sp in h.tdp.pages.values() if sp.level == 1)
-        sp.spt[7] = S.REMOVED_SPTE
+        h.tdp.pt.write(sp, 7, S.REMOVED_SPTE)
 
         def racer(th):
             yield from h.kvm.mmu_lock.read_lock(th)

@@ -13,7 +13,8 @@ from tdpsim.kvm.memslot import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES,
                                 KVM_USER_MEM_SLOTS, Memslot, Memslots, check_region)
 from tdpsim.kvm.tlb import Tlb, TlbEntry, hw_walk
 from tdpsim.mmu import spte as S
-from tdpsim.mmu.page import PageTables, make_role
+from tdpsim.mmu.page import make_role
+from tdpsim.mmu.store import DenseStore
 from tdpsim.mmu.tdp_iter import TdpIter
 from tdpsim.workloads.vm import VmHarness, run_now
 
@@ -123,14 +124,15 @@ def test_vectorised_forms_agree_with_scalar():
 
 def test_page_tables_alloc_lookup_free():
     host = Host()
-    pt = PageTables(host)
+    pt = DenseStore(host)
     sps = [pt.alloc(i * 512, make_role(1)) for i in range(4)]
     assert len({sp.pfn for sp in sps}) == 4
     assert all(pt.lookup(sp.pfn) is sp for sp in sps) and pt.live == 4
     sp = sps[1]
-    sp.spt[:] = S.make_spte(9, 1, True)
+    pt.write_many(sp, 0, 512, slice(None), np.full(512, S.make_spte(9, 1, True),
+                                                 dtype=np.uint64), 0)
     pt.free(sp)
-    assert sp.freed and (sp.spt == np.uint64(POISON)).all()
+    assert sp.freed and (pt.entries(sp) == np.uint64(POISON)).all()
     assert pt.lookup(sp.pfn) is None and pt.live == 3
     assert host.memory.state[sp.pfn] == FREE
     assert pt.lookup(sps[0].pfn) is sps[0]
@@ -145,22 +147,22 @@ def test_page_tables_alloc_lookup_free():
 def build_tree():
     """root L4 -> L3 -> L2; L2[0], L2[1] -> 4K tables; L2[2] a 2M leaf."""
     host = Host()
-    pt = PageTables(host)
+    pt = DenseStore(host)
     root = pt.alloc(0, make_role(4), None)
     l3 = pt.alloc(0, make_role(3), (root, 0))
-    root.spt[0] = S.make_nonleaf_spte(l3.pfn)
+    pt.write(root, 0, S.make_nonleaf_spte(l3.pfn))
     l2 = pt.alloc(0, make_role(2), (l3, 0))
-    l3.spt[0] = S.make_nonleaf_spte(l2.pfn)
+    pt.write(l3, 0, S.make_nonleaf_spte(l2.pfn))
     t = {"host": host, "pt": pt, "root": root, "l3": l3, "l2": l2}
     for i in (0, 1):
         l1 = pt.alloc(i * 512, make_role(1), (l2, i))
-        l2.spt[i] = S.make_nonleaf_spte(l1.pfn)
+        pt.write(l2, i, S.make_nonleaf_spte(l1.pfn))
         t[f"l1_{i}"] = l1
     for i in (0, 1, 5):
-        t["l1_0"].spt[i] = S.make_spte(1000 + i, 1, True)
+        pt.write(t["l1_0"], i, S.make_spte(1000 + i, 1, True))
     for i in (0, 3):
-        t["l1_1"].spt[i] = S.make_spte(2000 + i, 1, False)
-    l2.spt[2] = S.make_spte(4096, 2, True)
+        pt.write(t["l1_1"], i, S.make_spte(2000 + i, 1, False))
+    pt.write(l2, 2, S.make_spte(4096, 2, True))
     return t
 
 
@@ -208,7 +210,7 @@ def test_try_step_down_rereads_spte():
     while it.level != 2:
         it.next()
     assert it.gfn == 0 and S.is_shadow_present_pte(it.old_spte)
-    t["l2"].spt[0] = 0                        # zapped after the visit
+    t["pt"].write(t["l2"], 0, 0)                        # zapped after the visit
     it.next()
     assert (it.level, it.gfn) == (2, 512)     # did not descend into the stale table
 
@@ -380,18 +382,18 @@ def test_set_user_memory_region_slot_limit(monkeypatch):
 def test_hw_walk_sets_accessed_and_dirty():
     t = build_tree()
     l1 = t["l1_0"]
-    l1.spt[5] = S.make_spte(1005, 1, True) & ~(A | D)
+    t["pt"].write(l1, 5, S.make_spte(1005, 1, True) & ~(A | D))
     tlb = Tlb(None, None)
     r = hw_walk(t["pt"], t["root"], tlb, 5, write=False)
     assert r.ok and r.pfn == 1005 and r.level == 1 and r.writable
-    assert int(l1.spt[5]) & A and not int(l1.spt[5]) & D
+    assert t["pt"].read(l1, 5) & A and not t["pt"].read(l1, 5) & D
     r = hw_walk(t["pt"], t["root"], tlb, 5, write=True)
-    assert r.ok and int(l1.spt[5]) & D
+    assert r.ok and t["pt"].read(l1, 5) & D
     # PSC filled on the way: the level-2 entry (PDE) -> the 4K table
     assert tlb.psc_lookup(2, 5) == l1.pfn and tlb.psc_lookup(2, 511) == l1.pfn
     assert tlb.psc_lookup(2, 512) is None
     # the cached L2 entry is used: the walk works with the upper levels zapped
-    t["root"].spt[0] = 0
+    t["pt"].write(t["root"], 0, 0)
     assert hw_walk(t["pt"], t["root"], tlb, 1, write=False).pfn == 1001
     r = hw_walk(t["pt"], t["root"], Tlb(), 1, write=False)
     assert not r.ok and r.freed_table is None
@@ -406,12 +408,12 @@ def test_hw_walk_large_leaf_offset():
 def test_hw_walk_violations():
     t = build_tree()
     l1 = t["l1_1"]                      # read-only leaves at 512, 515
-    before = int(l1.spt[3])
+    before = t["pt"].read(l1, 3)
     r = hw_walk(t["pt"], t["root"], Tlb(), 515, write=True)
-    assert not r.ok and int(l1.spt[3]) == before
+    assert not r.ok and t["pt"].read(l1, 3) == before
     assert hw_walk(t["pt"], t["root"], Tlb(), 515, write=False).ok
     assert not hw_walk(t["pt"], t["root"], Tlb(), 514, write=False).ok
-    l1.spt[0] = S.REMOVED_SPTE
+    t["pt"].write(l1, 0, S.REMOVED_SPTE)
     assert not hw_walk(t["pt"], t["root"], Tlb(), 512, write=False).ok
     assert not hw_walk(t["pt"], t["root"], Tlb(), 3 * L2M, write=False).ok
 
@@ -421,7 +423,7 @@ def test_hw_walk_psc_freed_table():
     tlb = Tlb(None, None)
     assert hw_walk(t["pt"], t["root"], tlb, 1, write=False).ok
     l1 = t["l1_0"]
-    t["l2"].spt[0] = 0                  # unlinked, then freed without a flush
+    t["pt"].write(t["l2"], 0, 0)                  # unlinked, then freed without a flush
     t["pt"].free(l1)
     r = hw_walk(t["pt"], t["root"], tlb, 1, write=False)
     assert not r.ok and r.freed_table is not None and r.freed_table[0] == l1.pfn
@@ -439,17 +441,16 @@ def test_vcpu_access_fills_tlb_after_hw_walk():
     sp, parent = root, root
     for level in (3, 2, 1):
         sp = pt.alloc(S.round_gfn_for_level(gfn, level + 1), make_role(level), (parent, 0))
-        parent.spt[S.spte_index(gfn, level + 1)] = S.make_nonleaf_spte(sp.pfn)
+        pt.write(parent, S.spte_index(gfn, level + 1), S.make_nonleaf_spte(sp.pfn))
         parent = sp
-    sp.spt[S.spte_index(gfn, 1)] = S.make_spte(pfn, 1, True) & ~D
-    sp.gens[S.spte_index(gfn, 1)] = gen
+    pt.write(sp, S.spte_index(gfn, 1), S.make_spte(pfn, 1, True) & ~D, gen)
     v.root = root
     assert v._access(gfn, False)
     e = v.tlb.lookup(gfn)
     assert e is not None and (e.pfn, e.gen, e.dirty) == (pfn, gen, False)
     assert v.tlb.misses == 1 and v._access(gfn, False) and v.tlb.hits == 1
     assert v._access(gfn, True) and v.tlb.lookup(gfn).dirty and v.tlb.misses == 2
-    assert int(sp.spt[S.spte_index(gfn, 1)]) & D and not h.findings
+    assert pt.read(sp, S.spte_index(gfn, 1)) & D and not h.findings
 
 
 def _e(pfn):

@@ -207,7 +207,7 @@ def test_warn_set_spte_atomic_on_removed_spte(buggy):
     st = freeze_race(h, racer)
     h.run()
     assert st["saw_frozen"] and st["ok"]
-    assert int(st["sp"].spt[st["index"]]) == 0           # the freezer wrote the final 0
+    assert h.tdp.pt.read(st["sp"], st["index"]) == 0           # the freezer wrote the final 0
     if not buggy:
         assert h.findings == []
         return

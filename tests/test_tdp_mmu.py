@@ -470,7 +470,7 @@ def _zap_sp_scenario(h, pick, reader_ns=0):
         yield from h.kvm.mmu_lock.write_lock(th)
         h.host.rcu.read_lock(th)
         st["ret"] = yield from h.tdp.kvm_tdp_mmu_zap_sp(th, sp)
-        st["removed"] = bool((sp.spt == np.uint64(S.REMOVED_SPTE)).all())
+        st["removed"] = bool((h.tdp.pt.entries(sp) == np.uint64(S.REMOVED_SPTE)).all())
         st["freed_inside"] = sp.freed
         h.host.rcu.read_unlock(th)
         h.kvm.mmu_lock.write_unlock(th)
@@ -494,7 +494,7 @@ def test_kvm_tdp_mmu_zap_sp_zaps_exactly_that_sp_and_its_children():
     assert kept and all(not s.unlinked and s.id in h.tdp.pages for s in kept)
     assert h.kvm.stat["pages_4k"] == st["4k0"] - 1024 == 0
     parent, index = sp.ptep
-    assert int(parent.spt[index]) == 0
+    assert h.tdp.pt.read(parent, index) == 0
     assert h.findings == []
 
 

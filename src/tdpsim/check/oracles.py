@@ -30,8 +30,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..mmu import spte as S
+import numpy as np
+
 from ..kvm.vm import IN_GUEST_MODE, KVM_REQ_TLB_FLUSH
+from ..mmu.tdp_iter import count_leaves, count_present
 
 if TYPE_CHECKING:
     from ..host.host import Host
@@ -89,7 +91,7 @@ class Checker:
 
     def _on_observe(self, kind: str, **f) -> None:
         t = f.get("t", self.host.engine.now)
-        if kind != "guest_access":
+        if kind != "guest_accesses":
             self.recent.append(("kvm", t, kind, f.get("task") or _name(f.get("vcpu"))))
         handler = getattr(self, "_on_" + kind, None)
         if handler is not None:
@@ -135,17 +137,32 @@ class Checker:
                 self._find("stale_translation", v.name, what=f"{what}: TLB not flushed",
                            gfns=(g0, g1), tlb_entries=len(stale))
 
-    def _on_guest_access(self, vcpu, gfn: int, pfn: int, gen: int, fill_t: int, tlb: bool,
-                         t: int, **_) -> None:
-        if not self.host.memory.is_live(pfn, gen):
-            self._find("guest_access_freed_page", vcpu.name, gfn=gfn, pfn=pfn, via_tlb=tlb)
-            return
-        if tlb:
-            for done_t, g0, g1 in self.invalidated:
-                if fill_t < done_t and g0 <= gfn < g1:
-                    self._find("stale_translation", vcpu.name, gfn=gfn, filled=fill_t,
-                               invalidated=done_t, what="guest access through a TLB entry")
-                    return
+    def _on_guest_accesses(self, vcpu, gfns, pfns, gens, fill_t, times, tlb: bool,
+                           **_) -> None:
+        """Guest accesses in order (one from the run loop, many from a bulk of it): each
+        must use a live host page and, through the TLB, a translation filled after every
+        completed invalidation of its gfn."""
+        mem = self.host.memory
+        if len(gfns) == 1:
+            live = [mem.is_live(int(pfns[0]), int(gens[0]))]
+            check = (0,)
+        else:
+            live = mem.live_mask(pfns, np.asarray(gens))
+            # without the TLB only a freed page can be a finding: look at those alone
+            check = range(len(gfns)) if tlb else np.flatnonzero(~live).tolist()
+        for j in check:
+            gfn = int(gfns[j])
+            if not live[j]:
+                self._find("guest_access_freed_page", vcpu.name, gfn=gfn, pfn=int(pfns[j]),
+                           via_tlb=tlb)
+                continue
+            if tlb:
+                for done_t, g0, g1 in self.invalidated:
+                    if fill_t[j] < done_t and g0 <= gfn < g1:
+                        self._find("stale_translation", vcpu.name, gfn=gfn,
+                                   filled=int(fill_t[j]), invalidated=done_t,
+                                   what="guest access through a TLB entry")
+                        break
 
     # ---- page tables ------------------------------------------------------------------------
 
@@ -189,36 +206,3 @@ class Checker:
 
 def _name(v) -> str | None:
     return getattr(v, "name", None)
-
-
-def count_present(pt, sp) -> int:
-    """Present entries anywhere below (and in) ``sp``."""
-    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
-    n = int(present.sum())
-    if sp.level > 1:
-        leaves = S.leaf_mask(sp.spt, sp.level)
-        import numpy as np
-        for i in np.flatnonzero(present & ~leaves).tolist():
-            child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
-            if child is not None:
-                n += count_present(pt, child)
-    return n
-
-
-def count_leaves(pt, sp, g0: int, g1: int) -> int:
-    """Present leaves of the subtree ``sp`` mapping a gfn in [g0, g1)."""
-    import numpy as np
-    span = S.pages_per_hpage(sp.level)
-    lo = max(0, (g0 - sp.gfn) // span)
-    hi = min(S.SPTE_ENTRIES, -(-(g1 - sp.gfn) // span))
-    if lo >= hi:
-        return 0
-    ents = sp.spt[lo:hi]
-    present = S.present_mask(ents) & (ents != S.U64(S.REMOVED_SPTE))
-    leaves = S.leaf_mask(ents, sp.level) & present
-    n = int(leaves.sum())
-    for i in np.flatnonzero(present & ~leaves).tolist():
-        child = pt.lookup(S.spte_to_pfn(int(ents[i])))
-        if child is not None:
-            n += count_leaves(pt, child, g0, g1)
-    return n

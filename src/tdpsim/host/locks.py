@@ -171,6 +171,12 @@ class RwLock(Resource):
         """``rwlock_needbreak``: contention, but only on CONFIG_PREEMPTION kernels."""
         return self.preemption and bool(self.queue)
 
+    def account_uncontended_reads(self, n: int) -> None:
+        """Statistics of ``n`` read_lock / read_unlock pairs that found the lock free and
+        held it for no simulated time (a fault's phase 2 run in bulk): what ``_grant`` and
+        ``_account`` record for each."""
+        self.stats_read.acquires += n
+
     def held_by(self, th: "Thread") -> str | None:
         if self.writer is th:
             return WRITE

@@ -221,8 +221,13 @@ class Mm:
                 gen = int(self.host.memory.gen[pfn])
             v.pte[i] = pfn
             v.pte_gen[i] = gen
-        v.young[i] = True
+        self.mark_young(v, i)
         return int(v.pte[i]), int(v.pte_gen[i])
+
+    def mark_young(self, v: Vma, idx) -> None:
+        """The Accessed bit of the PTEs ``idx`` (an index or an array) of ``v``, set by a
+        fault (GUP); ``fault`` sets one, a bulk of faults many."""
+        v.young[idx] = True
 
     def lookup(self, hva: int) -> tuple[int, int] | None:
         """The current PTE at hva, without faulting."""

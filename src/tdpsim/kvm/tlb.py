@@ -28,7 +28,8 @@ import numpy as np
 from ..mmu import spte as S
 
 if TYPE_CHECKING:
-    from ..mmu.page import PageTables, ShadowPage
+    from ..mmu.page import ShadowPage
+    from ..mmu.store import DenseStore
 
 
 class TlbEntry:
@@ -80,6 +81,10 @@ class Tlb:
         if e is not None:
             self._entries.move_to_end(gfn)
         return e
+
+    def count_misses(self, n: int) -> None:
+        """``n`` accesses that missed the TLB (and walked)."""
+        self.misses += n
 
     def gfns_in(self, lo: int, hi: int) -> list[int]:
         """The gfns in [lo, hi) that have an entry (without touching the LRU order)."""
@@ -169,27 +174,23 @@ class WalkResult:
         self.freed_table = freed_table   # (pfn, where) if the walk read a freed table
 
 
-def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool,
+def hw_walk(pt: "DenseStore", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool,
             exe: bool = False) -> WalkResult:
     """The CPU's EPT walk for ``gfn``, starting at the cached PDE if there is one.
 
     On success sets A (and D for a write) in the leaf SPTE and fills the PDE cache (the
-    caller fills the TLB).  Tables are settled before they are read (fast-mode bulks may be
-    writing into them)."""
-    settle = pt.host.engine.settle
+    caller fills the TLB).  It walks with the store's walker (``pt.walk``), which settles
+    fast-mode bulks before each read and write."""
     pfn = tlb.psc_lookup(2, gfn)
     if pfn is not None:
-        sp = pt.lookup(pfn)
-        if sp is None or sp.freed:
+        start = pt.lookup(pfn)
+        if start is None or start.freed:
             return WalkResult(False, freed_table=(pfn, "PDE cache"))
-        level = 1
     else:
-        sp, level = root, root.level
+        start = root
+    it = pt.walk(start, 1, gfn, report=False)
     while True:
-        i = S.spte_index(gfn, level)
-        if sp.bulks:
-            settle(sp, i, i + 1)
-        spte = int(sp.spt[i])
+        spte, level = it.old_spte, it.level
         if not S.is_shadow_present_pte(spte):
             return WalkResult(False)
         if S.is_last_spte(spte, level):
@@ -197,16 +198,13 @@ def hw_walk(pt: "PageTables", root: "ShadowPage", tlb: Tlb, gfn: int, write: boo
                 return WalkResult(False)
             new = spte | S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if write else 0)
             if new != spte:
-                sp.spt[i] = new   # A/D assist
+                pt.write(it.sp, it.index, new)   # A/D assist
             base = S.spte_to_pfn(spte)
             off = gfn & (S.pages_per_hpage(level) - 1)
-            gen = int(sp.gens[i])
-            return WalkResult(True, base + off, gen, level, bool(spte & S.EPT_W),
-                              executable=bool(spte & S.EPT_X))
+            return WalkResult(True, base + off, pt.gen(it.sp, it.index), level,
+                              bool(spte & S.EPT_W), executable=bool(spte & S.EPT_X))
         child_pfn = S.spte_to_pfn(spte)
-        child = pt.lookup(child_pfn)
-        if child is None:
+        if not it.try_step_down():
             return WalkResult(False, freed_table=(child_pfn, f"L{level} entry"))
         if level == 2:
             tlb.psc_fill(2, gfn, child_pfn)
-        sp, level = child, level - 1

@@ -70,8 +70,9 @@ class Guest:
     def current(self) -> tuple[int, bool, bool]:
         return self.accesses[self.pos]
 
-    def advance(self) -> None:
-        self.pos += 1
+    def advance(self, n: int = 1) -> None:
+        """The next ``n`` accesses completed."""
+        self.pos += n
 
 
 class TouchGuest(Guest):
@@ -115,14 +116,39 @@ class Vcpu(Resource):
         self.cr0_wp = True
         kvm.vcpus.append(self)
 
+    # ---- statistics and observations ------------------------------------------------------
+
+    def account(self, **deltas: int) -> None:
+        """Add to the vCPU's statistics: by one from the run loop, by many from a fast-mode
+        bulk of it (the only writers of ``stat``)."""
+        st = self.stat
+        for k, d in deltas.items():
+            st[k] += d
+
+    def observe_accesses(self, gfns, pfns, gens, fill_t, times, via_tlb: bool,
+                         write: bool) -> None:
+        """Tell the check layer about guest accesses that completed (the run loop: one;
+        a fast-mode bulk: many, in order): each through a TLB entry or a walk, the
+        translation used (pfn, host page generation), when it was filled, and when the
+        access happened."""
+        kvm = self.kvm
+        if kvm.observers:
+            kvm.observe("guest_accesses", vcpu=self, gfns=gfns, pfns=pfns, gens=gens,
+                        fill_t=fill_t, times=times, tlb=via_tlb, write=write)
+
     # ---- guest mode ---------------------------------------------------------------------
 
-    def _enter_guest(self) -> None:
+    def enter_guest(self) -> None:
         self.mode = IN_GUEST_MODE
+
+    def left_guest(self) -> None:
+        """Outside guest mode after an exit that a fast-mode bulk has accounted (and that
+        no kick was waiting for: a kick settles the bulk first)."""
+        self.mode = OUTSIDE_GUEST_MODE
 
     def _exit_guest(self) -> None:
         if self.mode != OUTSIDE_GUEST_MODE:
-            self.stat["exits"] += 1
+            self.account(exits=1)
         self.mode = OUTSIDE_GUEST_MODE
         if self.exit_waiters:
             eng = self.kvm.engine
@@ -150,7 +176,7 @@ class Vcpu(Resource):
             if KVM_REQ_TLB_FLUSH in self.requests:
                 self.requests.discard(KVM_REQ_TLB_FLUSH)
                 self.tlb.flush(kvm.engine.now)
-                self.stat["tlb_flush"] += 1
+                self.account(tlb_flush=1)
         if self.root is None:
             yield from kvm.arch.mmu_load(self, th)
         if host.sched.need_resched(th):
@@ -162,13 +188,14 @@ class Vcpu(Resource):
         """KVM_RUN until the guest signals done (exact mode, one step per access or phase)."""
         kvm = self.kvm
         costs = kvm.costs
-        fast = kvm.engine.fast and kvm.arch is not None
+        # fast mode: the accelerator of this loop (tdpsim.fast) runs stretches of it in bulk
+        accel = kvm.accel.get("vcpu_run")
         while not guest.done:
             yield from self.prepare(th)
             if self.requests:
                 continue                      # a request arrived while preparing
-            if fast and self.fault is None:
-                n = yield from kvm.arch.run_bulk(self, th, guest)
+            if accel is not None and self.fault is None:
+                n = yield from accel(self, th, guest)
                 if n:
                     if self.mode == EXITING_GUEST_MODE:   # kicked during an access step
                         self._exit_guest()
@@ -176,7 +203,7 @@ class Vcpu(Resource):
             if self.fault is not None:         # phase 2 of a fault whose phase 1 is done
                 yield from self._fault_phase2(th, guest)
                 continue
-            self._enter_guest()
+            self.enter_guest()
             acc = guest.current()          # (gfn, write) or (gfn, write, exec)
             gfn, write = acc[0], acc[1]
             exe = len(acc) > 2 and acc[2]
@@ -190,16 +217,16 @@ class Vcpu(Resource):
             self._exit_guest()
             if kvm.memslots[0].find(gfn) is None:
                 # no memslot: an MMIO exit; userspace emulates the access and re-enters
-                self.stat["mmio_exits"] += 1
+                self.account(mmio_exits=1)
                 guest.advance()
                 yield costs.fault_4k
                 continue
-            self.stat["pf_taken"] += 1
-            self._fault_phase1(gfn, write, exe)
+            self.account(pf_taken=1)
+            self.fault_phase1(gfn, write, exe)
             if self.fault.slot.invalid:
                 # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY before mmu_lock
                 self.fault = None
-                self.stat["pf_retry"] += 1
+                self.account(pf_retry=1)
             yield costs.fault_4k // 4
         self._exit_guest()
 
@@ -211,10 +238,11 @@ class Vcpu(Resource):
         if e is not None and (not write or e.dirty) and (not exe or e.executable):
             tlb.hits += 1
             if kvm.observers:
-                kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=e.pfn, gen=e.gen,
-                            fill_t=e.fill_t, tlb=True, write=write, t=kvm.engine.now)
+                now = kvm.engine.now
+                self.observe_accesses((gfn,), (e.pfn,), (e.gen,), (e.fill_t,), (now,), True,
+                                      write)
             return True
-        tlb.misses += 1
+        tlb.count_misses(1)
         if self.root is None:
             return False
         r = hw_walk(kvm.arch.pt, self.root, tlb, gfn, write, exe)
@@ -231,12 +259,12 @@ class Vcpu(Resource):
         now = kvm.engine.now
         tlb.fill(gfn, TlbEntry(r.pfn, r.gen, r.writable, write, now, r.level, r.executable))
         if kvm.observers:
-            kvm.observe("guest_access", vcpu=self, gfn=gfn, pfn=r.pfn, gen=r.gen, fill_t=now,
-                        tlb=False, write=write, t=now)
+            self.observe_accesses((gfn,), (r.pfn,), (r.gen,), (now,), (now,), False, write)
         return True
 
-    def _fault_phase1(self, gfn: int, write: bool, exe: bool = False) -> None:
-        """kvm_tdp_page_fault up to kvm_faultin_pfn: seq snapshot, memslot, pfn."""
+    def fault_phase1(self, gfn: int, write: bool, exe: bool = False) -> None:
+        """kvm_tdp_page_fault up to kvm_faultin_pfn: seq snapshot, memslot, pfn (the vCPU
+        then stands outside guest mode with ``fault`` pending until phase 2)."""
         kvm = self.kvm
         f = Fault(gfn, write)
         f.exec = exe
@@ -261,7 +289,7 @@ class Vcpu(Resource):
         if f.slot.invalid or kvm.memslots[0].find(f.gfn) is not f.slot:
             # the memslot is going away since phase 1 (the kernel's SRCU would hold the
             # deletion off until the fault is done; the model retries instead)
-            self.stat["pf_retry"] += 1
+            self.account(pf_retry=1)
             yield kvm.costs.fault_4k - kvm.costs.fault_4k // 4
             return
         yield from kvm.mmu_lock.read_lock(th)
@@ -274,7 +302,7 @@ class Vcpu(Resource):
             ret, extra = yield from kvm.arch.tdp_map(self, th, f)
         kvm.host.rcu.read_unlock(th)
         kvm.mmu_lock.read_unlock(th)
-        self.stat["pf_" + ret] += 1
+        self.account(**{"pf_" + ret: 1})
         yield kvm.costs.fault_4k - kvm.costs.fault_4k // 4 + extra
 
     # ---- ioctls run by the vCPU thread --------------------------------------------------------

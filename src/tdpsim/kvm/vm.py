@@ -67,6 +67,10 @@ class Kvm:
         self.mmu_notifier_range_start = 0
         self.mmu_notifier_range_end = 0
         self.arch = None
+        #: fast-mode accelerators of kernel loops, by the loop's name; installed by
+        #: tdpsim.fast when the run's granularity is "fast" (empty in exact mode), each
+        #: runs stretches of its loop in bulk with the loop's own results
+        self.accel: dict[str, Callable] = {}
         #: observers (the check layer): fn(kind, **fields)
         self.observers: list[Callable] = []
         self.notifier = KvmMmuNotifier(self)

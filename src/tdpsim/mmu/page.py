@@ -1,29 +1,21 @@
-"""Shadow pages (``struct kvm_mmu_page``) and the per-VM page-table registry.
+"""Shadow pages (``struct kvm_mmu_page``): the header of one page table.
 
-Dense storage: every shadow page (SP) has its own NumPy ``uint64[512]`` table (``spt``),
-the 4 KiB host page it lives in (allocated from the host allocator, so a page table has a
-real PFN that parent SPTEs point to), and the header fields the TDP MMU uses: ``gfn``,
-``role`` (a word with ``level``, ``invalid`` and the address space), the root refcount
-``tdp_mmu_root_count``, ``ptep`` (the parent entry, None for roots), and the NX-recovery
-link.  ``gens`` is model-only metadata: for each leaf entry, the generation of the host page
-it maps at the time it was installed, so an A/D write-back to a page freed since is caught.
+A shadow page (SP) is a table of 512 SPTEs living in a 4 KiB host page (allocated from the
+host allocator, so a page table has a real PFN that parent SPTEs point to), plus the header
+fields the TDP MMU uses: ``gfn``, ``role`` (a word with ``level``, ``invalid`` and the
+address space), the root refcount ``tdp_mmu_root_count``, ``ptep`` (the parent entry, None
+for roots), and the NX-recovery link.  The entries themselves, and the model-only
+generation of the host page each leaf maps, belong to the page-table store (store.py),
+which allocates, looks up and frees SPs; ``_spt`` / ``_gens`` are its private slots.
 
-An SP is a Resource: a fast-mode bulk that writes into it declares it, and every path that
-reads or writes its entries settles it first (``PageTables.touch``).
+An SP is a Resource whose keys are its entry indices: fast-mode bulks that read or write
+entries declare them, and the store settles them before it touches those entries.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-from ..host.memory import POISON
 from ..sim.engine import Resource
-from .spte import SPTE_ENTRIES, pages_per_hpage
-
-if TYPE_CHECKING:
-    from ..host.host import Host
+from .spte import pages_per_hpage
 
 # role word layout (a subset of union kvm_mmu_page_role)
 ROLE_LEVEL_MASK = 0xF
@@ -38,7 +30,7 @@ def make_role(level: int, as_id: int = 0, cr0_wp: bool = True) -> int:
 
 
 class ShadowPage(Resource):
-    __slots__ = ("spt", "gens", "gfn", "role", "level", "tdp_mmu_root_count", "ptep", "pfn",
+    __slots__ = ("_spt", "_gens", "gfn", "role", "level", "tdp_mmu_root_count", "ptep", "pfn",
                  "pgen", "lpage_disallowed", "freed", "unlinked", "unlink_t", "work", "id",
                  "zapped_by", "root", "__weakref__")
 
@@ -46,8 +38,6 @@ class ShadowPage(Resource):
                  ptep: tuple["ShadowPage", int] | None):
         super().__init__()
         self.id = sid
-        self.spt = np.zeros(SPTE_ENTRIES, dtype=np.uint64)
-        self.gens = np.zeros(SPTE_ENTRIES, dtype=np.uint32)
         self.gfn = gfn
         self.role = role
         self.level = role & ROLE_LEVEL_MASK
@@ -88,46 +78,3 @@ class ShadowPage(Resource):
     def __repr__(self) -> str:
         kind = "root" if self.ptep is None else "sp"
         return f"<{kind}#{self.id} L{self.level} gfn={self.gfn:#x}{' invalid' if self.invalid else ''}>"
-
-
-class PageTables:
-    """Allocation, lookup by PFN and freeing of a VM's page-table pages."""
-
-    def __init__(self, host: "Host", name: str = "kvm"):
-        self.host = host
-        self.mem = host.memory
-        self.name = name
-        self.by_pfn: dict[int, ShadowPage] = {}
-        self._next_id = 0
-        self.allocated = 0
-        self.freed = 0
-        self.live = 0
-        self.peak = 0
-
-    def alloc(self, gfn: int, role: int, ptep=None) -> ShadowPage:
-        """Allocate an SP (the kernel takes it from the vCPU's memory cache)."""
-        pfn = self.mem.alloc(f"{self.name}:pt")
-        sp = ShadowPage(self._next_id, gfn, role, pfn, int(self.mem.gen[pfn]), ptep)
-        self._next_id += 1
-        self.by_pfn[pfn] = sp
-        self.allocated += 1
-        self.live += 1
-        if self.live > self.peak:
-            self.peak = self.live
-        return sp
-
-    def lookup(self, pfn: int) -> ShadowPage | None:
-        """The SP living at ``pfn`` (None if that page is not a live page table)."""
-        return self.by_pfn.get(pfn)
-
-    def free(self, sp: ShadowPage, who=None) -> None:
-        """Free an SP's page: poison its table (late walkers see garbage), free the PFN."""
-        if sp.freed:
-            self.host.report("double_free", who, pfn=sp.pfn, owner=f"{self.name}:pt sp#{sp.id}")
-            return
-        sp.freed = True
-        sp.spt.fill(POISON)
-        del self.by_pfn[sp.pfn]
-        self.mem.free(sp.pfn, who)
-        self.freed += 1
-        self.live -= 1

@@ -53,8 +53,7 @@ def kvm_tdp_mmu_map(mmu: "TdpMmu", vcpu: "Vcpu", th: "Thread", fault: "Fault",
     gfn = fault.gfn
     it = TdpIter(pt, root, S.PG_LEVEL_4K, gfn)
     while it.valid and it.gfn < gfn + 1:
-        mmu.touch(it.sp, it.index, read=True)       # changes go through set_spte_atomic
-        it.old_spte = int(it.sp.spt[it.index])
+        it.old_spte = pt.read(it.sp, it.index)       # changes go through set_spte_atomic
         if nx_workaround:
             disallowed_hugepage_adjust(fault, it.old_spte, it.level)
         if it.level == fault.goal_level:
@@ -63,7 +62,7 @@ def kvm_tdp_mmu_map(mmu: "TdpMmu", vcpu: "Vcpu", th: "Thread", fault: "Fault",
             # a huge page where a table must go: freeze, flush, zero, then link a table
             if not (yield from mmu.tdp_mmu_zap_spte_atomic(th, it)):
                 break
-            it.old_spte = int(it.sp.spt[it.index])
+            it.old_spte = pt.read(it.sp, it.index)
         if not S.is_shadow_present_pte(it.old_spte):
             if S.is_removed_spte(it.old_spte):
                 break      # frozen by another thread: retry rather than allocate

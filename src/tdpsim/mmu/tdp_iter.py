@@ -1,8 +1,12 @@
-"""The TDP iterator (arch/x86/kvm/mmu/tdp_iter.c), same semantics in 5.17 and 5.18.
+"""The TDP iterator (arch/x86/kvm/mmu/tdp_iter.c), same semantics in 5.17 and 5.18, and
+the one walker of the project.
 
-A pre-order walk over a root's paging structure for ``[start, end)``, descending to
-``min_level``.  It reads SPTEs itself (as the kernel does), so a walk that reaches a freed
-page table sees the poison and reports it.
+A pre-order walk over a paging structure for ``[start, end)``, descending to
+``min_level``.  It reads SPTEs through the page-table store (as the kernel reads them
+itself), so a walk that reaches a freed page table sees the poison and reports it.  Every
+walk in tdpsim is a ``TdpIter``: the TDP MMU's loops, the fault path, the hardware walker
+(started at a cached PDE), the fast-path accelerators' planning, the oracles and the
+harness (the last three with ``report=False``: a walk that only looks must not report).
 
 Yield/restart contract (spec s2): a caller that yields sets ``yielded`` (through
 ``tdp_mmu_iter_cond_resched``) and must not touch the SPTE; the next ``next()`` restarts from
@@ -13,29 +17,34 @@ the root at ``next_last_level_gfn``.  Forward progress: a yield is only allowed 
 from __future__ import annotations
 
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .spte import (SPTE_ENTRIES, is_last_spte, is_shadow_present_pte, pages_per_hpage,
-                   round_gfn_for_level, spte_index, spte_to_pfn)
+                   present_mask, round_gfn_for_level, spte_index,
+                   spte_to_pfn)
 
 if TYPE_CHECKING:
-    from .page import PageTables, ShadowPage
+    from .page import ShadowPage
+    from .store import DenseStore
 
 
 class TdpIter:
-    """``struct tdp_iter``.  Use: ``it = TdpIter(pt, root, min_level, start)`` then
-    ``while it.valid and it.gfn < end: ...; it.next()``."""
+    """``struct tdp_iter``.  Use: ``it = TdpIter(store, root, min_level, start)`` then
+    ``while it.valid and it.gfn < end: ...; it.next()``.  ``root`` may be any table (the
+    hardware walker starts at a cached level-1 table)."""
 
     __slots__ = ("pt", "next_last_level_gfn", "yielded_gfn", "pt_path", "sp", "index", "gfn",
                  "root_level", "min_level", "level", "as_id", "old_spte", "valid", "yielded",
-                 "root", "serial")
+                 "root", "serial", "report")
 
     _serials = count()
 
-    def __init__(self, pt: "PageTables", root: "ShadowPage", min_level: int, start: int):
+    def __init__(self, pt: "DenseStore", root: "ShadowPage", min_level: int, start: int,
+                 report: bool = True):
         self.serial = next(TdpIter._serials)   # identifies one walk (for the progress oracle)
         self.pt = pt
         self.root = root
+        self.report = report
         self.pt_path: list = [None] * (root.level + 1)
         self.pt_path[root.level] = root
         self.root_level = root.level
@@ -45,24 +54,15 @@ class TdpIter:
         self.yielded = False
         self.restart()
 
-    # the SPTE the iterator points at: (table, index)
-    @property
-    def sptep(self) -> tuple["ShadowPage", int]:
-        return self.sp, self.index
-
     def _read(self) -> None:
         sp = self.sp
-        if sp.bulks:      # a fast-mode bulk may be writing this entry: settle it first
-            # (a read: bulks that only read the entry stay; every write of an entry settles
-            # as a writer first, in TdpMmu.touch)
-            self.pt.host.engine.settle(sp, self.index, self.index + 1, read=True)
-        if sp.freed:
+        if sp.freed and self.report:
             # reading a freed table: poison looks like present leaves, so say it here
             self.pt.host.report("use_after_free", None, pfn=sp.pfn,
                                 what=f"tdp_iter read of freed L{sp.level} table", reused=False,
                                 now_owner=None)
             self.valid = False
-        self.old_spte = int(sp.spt[self.index])
+        self.old_spte = self.pt.read(sp, self.index)
 
     def restart(self) -> None:
         """tdp_iter_restart: walk again from the root towards next_last_level_gfn."""
@@ -76,8 +76,8 @@ class TdpIter:
         self.valid = True
 
     def _child(self, spte: int):
-        sp = self.pt.lookup(spte_to_pfn(spte))
-        if sp is None:
+        sp = self.pt.child(spte)
+        if sp is None and self.report:
             # a present non-leaf entry that does not point to a live page table: the walk
             # read a freed (poisoned) table or a stale entry
             self.pt.host.report("use_after_free", None, pfn=spte_to_pfn(spte),
@@ -135,3 +135,66 @@ class TdpIter:
             if not self.try_step_up():
                 break
         self.valid = False
+
+    # ---- the rest of a table at once (vectorised walks) -------------------------------------
+
+    def table_end(self, end: int) -> int:
+        """Index one past the last entry of the current table that a walk to ``end`` visits
+        (as side steps) from the current entry."""
+        span = pages_per_hpage(self.level)
+        return min(SPTE_ENTRIES, self.index + -(-(end - self.gfn) // span))
+
+    def step_side_to(self, index: int) -> None:
+        """Stand on entry ``index`` of the current table, as ``index - self.index`` side
+        steps would have left the iterator (the caller has processed the entries between)."""
+        k = index - self.index
+        if k:
+            self.gfn += k * pages_per_hpage(self.level)
+            self.next_last_level_gfn = self.gfn
+            self.index = index
+        self._read()
+
+
+# ---- walks built on the iterator (look, never yield) -----------------------------------------
+
+def for_each_leaf(pt: "DenseStore", root: "ShadowPage", start: int, end: int,
+                  min_level: int = 1, report: bool = True) -> Iterator[TdpIter]:
+    """The iterator at each present leaf of ``root`` in [start, end) at or above
+    ``min_level`` (for_each_tdp_pte_min_level, skipping non-leaf and non-present entries)."""
+    it = TdpIter(pt, root, min_level, start, report)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            yield it
+        it.next()
+
+
+def count_leaves(pt: "DenseStore", root: "ShadowPage", g0: int, g1: int) -> int:
+    """Present leaves of ``root`` mapping a gfn in [g0, g1) (REMOVED excluded)."""
+    n = 0
+    it = TdpIter(pt, root, 1, g0, report=False)
+    while it.valid and it.gfn < g1:
+        if it.level == 1:
+            hi = it.table_end(g1)
+            ents = pt.entries(it.sp, it.index, hi)
+            n += int(present_mask(ents).sum())
+            it.step_side_to(hi - 1)
+        elif is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            n += 1
+        it.next()
+    return n
+
+
+def count_present(pt: "DenseStore", root: "ShadowPage") -> int:
+    """Present entries (leaves and tables, REMOVED excluded) anywhere under ``root``."""
+    n = 0
+    it = TdpIter(pt, root, 1, 0, report=False)
+    end = pages_per_hpage(root.level + 1)
+    while it.valid and it.gfn < end:
+        if it.level == 1:
+            hi = it.table_end(end)
+            n += pt.count_present(it.sp, it.index, hi)
+            it.step_side_to(hi - 1)
+        elif is_shadow_present_pte(it.old_spte):
+            n += 1
+        it.next()
+    return n

@@ -9,7 +9,10 @@ Model-wide simplifications:
 * ``handle_removed_pt`` processes a table in one step (vectorised over its 512 entries) and
   then charges its cost; other tasks cannot observe a half-processed table.
 * A table's entries carry, beside the SPTE, the generation of the host page a leaf maps
-  (``sp.gens``), so an A/D write-back to a page freed since is caught.
+  (kept by the page-table store), so an A/D write-back to a page freed since is caught.
+* Entries are read and written only through the store (``self.pt``, store.py), which
+  settles fast-mode bulks itself.  Fast mode plugs accelerators of named loops into
+  ``self.accel`` (tdpsim.fast); this module does not know them.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import numpy as np
 
 from ..host.workqueue import WorkItem
 from . import spte as S
-from .page import ROLE_INVALID, PageTables, ShadowPage, make_role
+from .page import ROLE_INVALID, ShadowPage, make_role
 from .policy import Policy
-from .fast import leaf_table_bulk
+from .store import DenseStore
 from .tdp_iter import TdpIter
 
 if TYPE_CHECKING:
@@ -42,7 +45,12 @@ class TdpMmu:
         self.engine = kvm.engine
         self.costs = kvm.costs
         self.policy = policy
-        self.pt = PageTables(kvm.host, kvm.name)
+        #: the page-table store: the only owner of SPTE storage
+        self.pt = DenseStore(kvm.host, kvm.name)
+        #: fast-mode accelerators (``kvm.accel``) of the leaf walks: "tdp_mmu_zap_leafs",
+        #: "wrprot_gfn_range", "clear_dirty_gfn_range", each called at a 4 KiB entry right
+        #: after the yield check passed, ``(th, it, end) -> (entries done, changed)``
+        self.accel = kvm.accel
         #: kvm->arch.tdp_mmu_roots, newest first (valid and invalid)
         self.roots: list[ShadowPage] = []
         #: kvm->arch.tdp_mmu_pages (non-root SPs), by id
@@ -69,15 +77,6 @@ class TdpMmu:
     def warn(self, name: str, th: "Thread | None", **details) -> None:
         """A kernel WARN_ON(_ONCE) fired: reported as a finding by the check layer."""
         self.host.report("warn", th, warn=name, **details)
-
-    def touch(self, sp: ShadowPage, index: int | None = None, read: bool = False) -> None:
-        """Settle fast-mode bulks depending on ``sp`` (entry ``index`` only, if given)
-        before writing it, or, with ``read``, those that write the entry before reading it."""
-        if sp.bulks:
-            if index is None:
-                self.engine.settle(sp)
-            else:
-                self.engine.settle(sp, index, index + 1, read=read)
 
     # ---- roots ----------------------------------------------------------------------------
 
@@ -273,13 +272,13 @@ class TdpMmu:
         """tdp_mmu_set_spte_atomic: cmpxchg under mmu_lock read.  On a lost race refreshes
         ``it.old_spte`` and returns False; on success runs the change bookkeeping."""
         sp, i = it.sp, it.index
-        self.touch(sp, i)
+        pt = self.pt
         if it.yielded or S.is_removed_spte(it.old_spte):
             if self.policy.removed_spte_checks:
                 self.warn("set_spte_atomic_on_removed_or_yielded", th, gfn=it.gfn,
                           level=it.level)
             return False        # 5.17: -EBUSY silently (a caller may retry forever)
-        cur = int(sp.spt[i])
+        cur = pt.read_for_update(sp, i)
         if cur != it.old_spte:
             it.old_spte = cur
             return False
@@ -287,10 +286,10 @@ class TdpMmu:
             self._check_frozen(th, sp, i)
         if sp.root.invalid and S.is_shadow_present_pte(new) and not S.is_shadow_present_pte(cur):
             self.host.report("invalid_root_gains_spte", th, root=sp.root.id, gfn=it.gfn)
-        old, old_gen = cur, int(sp.gens[i])
-        sp.spt[i] = new
+        old, old_gen = cur, pt.gen(sp, i)
         # a frozen entry keeps the generation of the page its old value mapped
-        sp.gens[i] = gen if gen is not None else (old_gen if new == S.REMOVED_SPTE else 0)
+        pt.write(sp, i, new, gen if gen is not None else
+                 (old_gen if new == S.REMOVED_SPTE else 0))
         yield from self.__handle_changed_spte(th, it.as_id, it.gfn, old, new, it.level, True,
                                               old_gen)
         self.handle_changed_spte_acc_track(th, old, new, it.level, old_gen)
@@ -307,8 +306,7 @@ class TdpMmu:
         yield from self.kvm.flush_remote_tlbs_with_address(th, it.gfn,
                                                            S.pages_per_hpage(it.level))
         del self.frozen[key]
-        self.touch(it.sp, it.index)
-        it.sp.spt[it.index] = 0        # only the freezer writes the final value
+        self.pt.write(it.sp, it.index, 0)    # only the freezer writes the final value
         return True
 
     def _check_frozen(self, th: "Thread", sp: ShadowPage, index: int) -> None:
@@ -323,7 +321,6 @@ class TdpMmu:
                            record_dirty_log=True, gen: int = 0) -> Generator:
         """__tdp_mmu_set_spte (mmu_lock held for write; raw values so NX recovery can zap
         through ``sp->ptep``).  5.18 WARNs if the old or the new value is REMOVED."""
-        self.touch(sp)
         if S.is_removed_spte(old) or (self.policy.removed_spte_checks and
                                       S.is_removed_spte(new)):
             self.warn("set_spte_removed_in_nonatomic_path", th, gfn=gfn, level=level)
@@ -331,9 +328,8 @@ class TdpMmu:
             self._check_frozen(th, sp, index)
         if sp.root.invalid and S.is_shadow_present_pte(new) and not S.is_shadow_present_pte(old):
             self.host.report("invalid_root_gains_spte", th, root=sp.root.id, gfn=gfn)
-        old_gen = int(sp.gens[index])
-        sp.spt[index] = new
-        sp.gens[index] = gen
+        old_gen = self.pt.gen(sp, index)
+        self.pt.write(sp, index, new, gen)
         yield from self.__handle_changed_spte(th, as_id, gfn, old, new, level, False, old_gen)
         if record_acc_track:
             self.handle_changed_spte_acc_track(th, old, new, level, old_gen)
@@ -350,6 +346,44 @@ class TdpMmu:
                                            record_dirty_log, gen)
 
     # ---- change bookkeeping ------------------------------------------------------------
+
+    # ---- batch operations (the fast-path accelerators' way to change TDP MMU state) -----------
+
+    def install_table(self, parent: ShadowPage, index: int, gfn: int, role: int) -> ShadowPage:
+        """Allocate a table and link it at ``parent[index]`` (an empty entry), as a fault's
+        tdp_mmu_link_sp does when its cmpxchg wins; returns the new SP."""
+        sp = self.pt.alloc(gfn, role, (parent, index))
+        self.pt.write(parent, index, S.make_nonleaf_spte(sp.pfn), 0)
+        self.pages[sp.id] = sp
+        return sp
+
+    def install_leaves(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
+                       gens: np.ndarray) -> None:
+        """Install 4 KiB leaves at ``idx`` (within [lo, hi)) of ``sp``, all empty before: what
+        tdp_mmu_map_handle_target_level does for each, with its statistics."""
+        self.pt.write_many(sp, lo, hi, idx, sptes, gens)
+        self._update_page_stats(S.PG_LEVEL_4K, len(sptes))
+
+    def zap_leaves(self, th: "Thread", sp: ShadowPage, lo: int, hi: int,
+                   idx: np.ndarray) -> None:
+        """Zap the present 4 KiB leaves at ``idx`` (within [lo, hi)) of ``sp`` under
+        mmu_lock held for write: what tdp_mmu_set_spte(.., 0) does for each, in order
+        (statistics, then the dirty and the accessed write-back of each leaf)."""
+        pt = self.pt
+        old = pt.entries_at(sp, idx, lo, hi)
+        gens = pt.gens_at(sp, idx, lo, hi)
+        pt.write_many(sp, lo, hi, idx, U64(0), 0)
+        self._update_page_stats(S.PG_LEVEL_4K, -len(idx))
+        mem = self.host.memory
+        live = mem.live_mask(S.pfns_of(old), gens)
+        if live.all():
+            return
+        for e in np.flatnonzero(~live).tolist():
+            pfn, gen, spte = S.spte_to_pfn(int(old[e])), int(gens[e]), int(old[e])
+            if spte & S.SHADOW_DIRTY:
+                mem.write_back(pfn, gen, th, "dirty")
+            if spte & S.SHADOW_ACCESSED:
+                mem.write_back(pfn, gen, th, "accessed")
 
     def _update_page_stats(self, level: int, delta: int) -> None:
         key = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}.get(level)
@@ -386,7 +420,7 @@ class TdpMmu:
         if was_present and not was_leaf and (not is_present or is_leaf or pfn_changed):
             if is_present and not is_leaf:
                 self.warn("nonleaf_pfn_changed", th, gfn=gfn, level=level)
-            child = self.pt.lookup(S.spte_to_pfn(old))
+            child = self.pt.child(old)
             if child is None:
                 self.host.report("use_after_free", th, pfn=S.spte_to_pfn(old),
                                  what="handle_removed_pt of a freed table", reused=False,
@@ -423,7 +457,8 @@ class TdpMmu:
         concurrent freezer), process each old value (write-backs, recursion into children),
         5.17: flush the range; 5.18: leave the flush to the caller; then call_rcu(free)."""
         kvm = self.kvm
-        self.touch(sp)
+        pt = self.pt
+        pt.settle_all(sp)
         self.pages.pop(sp.id, None)
         if sp.lpage_disallowed:
             self.unaccount_huge_nx_page(sp)
@@ -431,18 +466,13 @@ class TdpMmu:
         sp.unlink_t = self.engine.now
         if kvm.observers:
             kvm.observe("sp_unlinked", sp=sp, t=self.engine.now, task=th.name)
-        spt = sp.spt
         if shared:
             # xchg(entry, REMOVED) until the old value is not REMOVED: another thread that
             # froze an entry owns it until it writes the final value
-            while True:
-                frozen = spt == U64(S.REMOVED_SPTE)
-                if not frozen.any():
-                    break
+            while pt.any_removed(sp):
                 yield 20        # poll the frozen entry (cpu_relax loop)
-        old = spt.copy()
+        old, gens = pt.freeze_all(sp)
         present = S.present_mask(old)
-        spt[:] = U64(S.REMOVED_SPTE)
         level = sp.level
         # at level 1 every present entry is a leaf
         leaves = present if level == 1 else S.leaf_mask(old, level)
@@ -450,11 +480,11 @@ class TdpMmu:
         cost = (S.SPTE_ENTRIES - int(np.count_nonzero(present))) * self.costs.spte_visit
         if nleaves:
             self._update_page_stats(level, -nleaves)
-            self._write_back_many(th, old[leaves], sp.gens[leaves])
+            self._write_back_many(th, old[leaves], gens[leaves])
             cost += nleaves * self.costs.spte_zap_4k
         if level > 1:
             for i in np.flatnonzero(present & ~leaves).tolist():
-                child = self.pt.lookup(S.spte_to_pfn(int(old[i])))
+                child = pt.child(int(old[i]))
                 if child is None:
                     self.host.report("use_after_free", th, pfn=S.spte_to_pfn(int(old[i])),
                                      what="handle_removed_pt of a freed table", reused=False,
@@ -477,7 +507,7 @@ class TdpMmu:
             return
         else:
             pfns, g = S.pfns_of(sptes[wb]), gens[wb]
-        live = (mem.state[pfns] == 1) & (mem.gen[pfns] == g)
+        live = mem.live_mask(pfns, g)
         if not live.all():
             for p, gg in zip(pfns[~live].tolist(), g[~live].tolist()):
                 mem.write_back(p, gg, th, "dirty/accessed")
@@ -581,14 +611,14 @@ class TdpMmu:
         it = TdpIter(self.pt, root, S.PG_LEVEL_4K, start)
         zap = self.costs.spte_zap_4k
         visit = self.costs.spte_visit
-        fast = self.engine.fast
+        accel = self.accel.get("tdp_mmu_zap_leafs") if can_yield else None
         while it.valid and it.gfn < end:
             if can_yield and (yield from self.tdp_mmu_iter_cond_resched(th, it, flush, False)):
                 flush = False
                 it.next()
                 continue
-            if fast and can_yield:
-                k, changed = yield from leaf_table_bulk(self, th, it, end, "zap", False)
+            if accel is not None:
+                k, changed = yield from accel(th, it, end)
                 if k:
                     flush |= changed
                     it.next()
@@ -678,8 +708,7 @@ class TdpMmu:
             self.warn("zap_sp_on_root", th, sp=sp.id)
             return False
         parent, index = sp.ptep
-        self.touch(parent, index)
-        old = int(parent.spt[index])
+        old = self.pt.read_for_update(parent, index)
         if not S.is_shadow_present_pte(old):
             self.warn("zap_sp_parent_not_present", th, sp=sp.id)
             return False

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Generator
 
 from . import spte as S
 from .page import make_role
-from .tdp_iter import TdpIter
-from .fast import leaf_table_bulk
+from .tdp_iter import TdpIter, for_each_leaf
 
 if TYPE_CHECKING:
     from ..host.sched import Thread
@@ -41,11 +40,8 @@ class _Pos:
 
 def _leaves_in(mmu: "TdpMmu", root, start: int, end: int):
     """Present leaves of ``root`` in [start, end), as position snapshots (no yielding)."""
-    it = TdpIter(mmu.pt, root, S.PG_LEVEL_4K, start)
-    while it.valid and it.gfn < end:
-        if S.is_shadow_present_pte(it.old_spte) and S.is_last_spte(it.old_spte, it.level):
-            yield _Pos(it)
-        it.next()
+    for it in for_each_leaf(mmu.pt, root, start, end):
+        yield _Pos(it)
 
 
 def kvm_tdp_mmu_age_gfn_range(mmu: "TdpMmu", th: "Thread", rng: "GfnRange") -> Generator:
@@ -62,7 +58,7 @@ def kvm_tdp_mmu_age_gfn_range(mmu: "TdpMmu", th: "Thread", rng: "GfnRange") -> G
             if not S.is_accessed_spte(it.old_spte):
                 continue
             new = it.old_spte & ~S.SHADOW_ACCESSED
-            yield from mmu.tdp_mmu_set_spte(th, it, new, gen=int(it.sp.gens[it.index]),
+            yield from mmu.tdp_mmu_set_spte(th, it, new, gen=mmu.pt.gen(it.sp, it.index),
                                             record_acc_track=False, record_dirty_log=False)
             young = True
             yield mmu.costs.spte_visit
@@ -125,6 +121,7 @@ def _clear_leaf_bit(mmu: "TdpMmu", th: "Thread", slot, min_level: int, bit: int,
     has it, by cmpxchg, retrying a lost race on the fresh value.  Returns "changed"."""
     state = {"spte_set": False}
     rcu = mmu.host.rcu
+    accel = mmu.accel.get(op) if min_level == S.PG_LEVEL_4K else None
 
     def body(root):
         rcu.read_lock(th)
@@ -133,13 +130,12 @@ def _clear_leaf_bit(mmu: "TdpMmu", th: "Thread", slot, min_level: int, bit: int,
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, True)):
                 it.next()
                 continue
-            if min_level == S.PG_LEVEL_4K:
-                k, changed = yield from leaf_table_bulk(mmu, th, it, slot.end_gfn, op, True)
+            if accel is not None:
+                k, changed = yield from accel(th, it, slot.end_gfn)
                 if k:
                     state["spte_set"] |= changed
                     it.next()
                     continue
-            mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or \
                     not S.is_last_spte(it.old_spte, it.level) or not it.old_spte & bit:
                 yield mmu.costs.spte_visit
@@ -147,7 +143,7 @@ def _clear_leaf_bit(mmu: "TdpMmu", th: "Thread", slot, min_level: int, bit: int,
                 continue
             new = it.old_spte & ~bit
             if not (yield from mmu.tdp_mmu_set_spte_atomic(th, it, new,
-                                                           gen=int(it.sp.gens[it.index]))):
+                                                           gen=mmu.pt.gen(it.sp, it.index))):
                 continue        # lost the race: retry on the fresh value (re-checked above)
             state["spte_set"] = True
             yield mmu.costs.spte_visit
@@ -161,7 +157,7 @@ def _clear_leaf_bit(mmu: "TdpMmu", th: "Thread", slot, min_level: int, bit: int,
 def kvm_tdp_mmu_wrprot_slot(mmu: "TdpMmu", th: "Thread", slot, min_level: int) -> Generator:
     """kvm_tdp_mmu_wrprot_slot (mmu_lock read): clear W on present leaves at or above
     ``min_level`` in valid roots, by cmpxchg with retry; yields.  Returns "changed"."""
-    return (yield from _clear_leaf_bit(mmu, th, slot, min_level, S.EPT_W, "wrprot"))
+    return (yield from _clear_leaf_bit(mmu, th, slot, min_level, S.EPT_W, "wrprot_gfn_range"))
 
 
 def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator:
@@ -170,7 +166,7 @@ def kvm_tdp_mmu_clear_dirty_slot(mmu: "TdpMmu", th: "Thread", slot) -> Generator
     nothing with A/D bits enabled (a fresh non-present or REMOVED value has D clear and is
     skipped either way), so it is not a knob (docs/knobs.md)."""
     return (yield from _clear_leaf_bit(mmu, th, slot, S.PG_LEVEL_4K, S.SHADOW_DIRTY,
-                                       "clear_dirty"))
+                                       "clear_dirty_gfn_range"))
 
 
 def kvm_tdp_mmu_clear_dirty_pt_masked(mmu: "TdpMmu", th: "Thread", slot, gfn: int,
@@ -186,7 +182,7 @@ def kvm_tdp_mmu_clear_dirty_pt_masked(mmu: "TdpMmu", th: "Thread", slot, gfn: in
                 continue
             if it.old_spte & bit:
                 yield from mmu.tdp_mmu_set_spte(th, it, it.old_spte & ~bit,
-                                                gen=int(it.sp.gens[it.index]),
+                                                gen=mmu.pt.gen(it.sp, it.index),
                                                 record_dirty_log=False)
         rcu.read_unlock(th)
 
@@ -204,7 +200,7 @@ def kvm_tdp_mmu_write_protect_gfn(mmu: "TdpMmu", th: "Thread", slot, gfn: int,
                 continue
             new = it.old_spte & ~(S.EPT_W | S.EPT_SPTE_MMU_WRITABLE)
             if new != it.old_spte:
-                yield from mmu.tdp_mmu_set_spte(th, it, new, gen=int(it.sp.gens[it.index]))
+                yield from mmu.tdp_mmu_set_spte(th, it, new, gen=mmu.pt.gen(it.sp, it.index))
                 changed = True
         rcu.read_unlock(th)
     return changed
@@ -237,15 +233,13 @@ def kvm_tdp_mmu_try_split_huge_pages(mmu: "TdpMmu", th: "Thread", slot, start: i
             if (yield from mmu.tdp_mmu_iter_cond_resched(th, it, False, shared)):
                 it.next()
                 continue
-            mmu.touch(it.sp, it.index)
             if not S.is_shadow_present_pte(it.old_spte) or not S.is_large_pte(it.old_spte):
                 it.next()
                 continue
             huge, level = it.old_spte, it.level
             sp = mmu.pt.alloc(it.gfn, make_role(level - 1, it.as_id), (it.sp, it.index))
-            gen = int(it.sp.gens[it.index])
-            sp.spt[:] = split_sptes(huge, level)
-            sp.gens[:] = gen
+            gen = mmu.pt.gen(it.sp, it.index)
+            mmu.pt.write_many(sp, 0, S.SPTE_ENTRIES, slice(None), split_sptes(huge, level), gen)
             if level - 1 == 1:
                 mmu.kvm.stat["pages_4k"] += S.SPTE_ENTRIES
             elif level - 1 == 2:

@@ -36,7 +36,6 @@ class X86Mmu:
         self.nx_huge_pages_recovery_ratio = 60
         self.nx_huge_pages_recovery_period_ms = 0
         self.nx_recovery_thread = None
-        self.fast = None       # set by tdpsim.mmu.fast when fast paths are installed
 
     # ---- roots (called from the vCPU run loop) ----------------------------------------------
 
@@ -89,12 +88,6 @@ class X86Mmu:
 
     def tdp_map(self, vcpu: "Vcpu", th: "Thread", fault: "Fault") -> Generator:
         return (yield from kvm_tdp_mmu_map(self.tdp, vcpu, th, fault, self.nx_huge_pages))
-
-    def run_bulk(self, vcpu: "Vcpu", th: "Thread", guest) -> Generator:
-        """Fast-mode bulk of the vCPU run loop; 0 when nothing could be bulked."""
-        if self.fast is None:
-            return 0
-        return (yield from self.fast.run_bulk(vcpu, th, guest))
 
     # ---- zapping ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ lazily, so no event can see a state that ``exact`` mode would not have shown it.
 
 from __future__ import annotations
 
+import os
 from bisect import insort
 from heapq import heappop, heappush
 from itertools import count
@@ -132,6 +133,26 @@ class Bulk:
 _BULK_END = object()   # value of a bulk's end event
 
 
+class SettleError(AssertionError):
+    """The settle checker found an access to a resource with a pending bulk."""
+
+
+def _depends(bulk: Bulk, resource: Resource, lo: int | None, hi: int | None,
+             read: bool) -> bool:
+    """Does ``bulk`` depend on keys [lo, hi) of ``resource`` (all keys if lo is None) in a
+    way that an access (a read if ``read``, else a write) must settle first?"""
+    if lo is None:
+        return True
+    rng = bulk.ranges.get(id(resource))
+    if rng is not None and (hi <= rng[0] or rng[1] <= lo):
+        return False
+    if read:
+        w = bulk.wranges.get(id(resource))
+        if w is not None and (w[0] == w[1] or hi <= w[0] or w[1] <= lo):
+            return False
+    return True
+
+
 def _rank_of(entry: tuple) -> int:
     return entry[0]
 
@@ -145,7 +166,7 @@ class Engine:
 
     __slots__ = ("strategy", "trace", "granularity", "fast", "now", "current",
                  "record_decisions", "decisions", "events", "_times", "_buckets", "_ids",
-                 "tasks", "timer_owner", "stopped")
+                 "tasks", "timer_owner", "stopped", "check_settle")
 
     def __init__(self, strategy: Strategy | None = None, trace: Trace | None = None,
                  granularity: str = "exact", record_decisions: bool = True):
@@ -170,6 +191,9 @@ class Engine:
         #: rank id of timers that have no owner (fixed, so ranks never depend on how many
         #: timers a run created: exact and fast mode create different numbers of events)
         self.timer_owner = Task(self.new_id(), "timer")
+        #: the settle checker (``TDPSIM_CHECK_SETTLE=1``): owners that settle their
+        #: resources themselves also assert, after settling, that nothing is left pending
+        self.check_settle = os.environ.get("TDPSIM_CHECK_SETTLE", "") not in ("", "0")
 
     # ---- tasks and events -------------------------------------------------------------
 
@@ -361,15 +385,20 @@ class Engine:
         ``Bulk``) are left running: what it reads is the same whether they are settled or
         not."""
         for bulk in list(resource.bulks):
-            if lo is not None:
-                rng = bulk.ranges.get(id(resource))
-                if rng is not None and (hi <= rng[0] or rng[1] <= lo):
-                    continue
-                if read:
-                    w = bulk.wranges.get(id(resource))
-                    if w is not None and (w[0] == w[1] or hi <= w[0] or w[1] <= lo):
-                        continue
-            self._settle(bulk)
+            if _depends(bulk, resource, lo, hi, read):
+                self._settle(bulk)
+
+    def assert_settled(self, resource: Resource, lo: int | None, hi: int | None,
+                       read: bool) -> None:
+        """The settle checker: raise if a bulk of another task still depends on what the
+        current event is about to read (``read``) or change in ``resource``."""
+        for bulk in resource.bulks:
+            if bulk.task is not self.current and _depends(bulk, resource, lo, hi, read):
+                raise SettleError(
+                    f"{'read' if read else 'write'} of {resource!r}"
+                    f"{'' if lo is None else f' [{lo}, {hi})'} by "
+                    f"{getattr(self.current, 'name', None)} at t={self.now} while a bulk "
+                    f"of {bulk.task.name} is pending on it (a missing settle)")
 
     def _settle(self, bulk: Bulk) -> None:
         task = bulk.task

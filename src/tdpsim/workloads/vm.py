@@ -13,12 +13,14 @@ from typing import Callable, Generator
 
 from ..check.monitors import Monitors
 from ..check.oracles import Checker
+from .. import fast as accel
 from ..costs import CostModel
 from ..host.host import Host, HostConfig
 from ..host.mm import PAGE
 from ..kvm.vcpu import Vcpu
-from ..mmu.fast import FastPaths
+from ..mmu import spte as S
 from ..mmu.policy import Policy, preset
+from ..mmu.tdp_iter import for_each_leaf
 from ..mmu.x86 import create_vm
 from ..sim.strategy import make_strategy
 from ..sim.trace import Trace
@@ -58,8 +60,8 @@ class VmHarness:
         self.kvm = create_vm(self.host, self.mm, pol, maxphyaddr=maxphyaddr)
         self.arch = self.kvm.arch
         self.tdp = self.arch.tdp
-        if granularity == "fast":
-            FastPaths(self.arch)
+        if granularity == "fast":          # the one granularity switch
+            accel.install(self.kvm)
         if nx_huge_pages:
             self.arch.nx_huge_pages = True
             self.arch.nx_huge_pages_recovery_period_ms = nx_recovery_period_ms
@@ -116,9 +118,12 @@ class VmHarness:
 
         Page-table PFNs are left out (they depend on the order of allocations)."""
         out = {}
+        pt = self.tdp.pt
         for r_i, root in enumerate(self.tdp.roots):
             leaves = {}
-            _collect(self.tdp.pt, root, leaves)
+            for it in for_each_leaf(pt, root, 0, S.pages_per_hpage(root.level + 1),
+                                    report=False):
+                leaves[it.gfn] = (it.level, it.old_spte, pt.gen(it.sp, it.index))
             out[(r_i, root.invalid, root.tdp_mmu_root_count)] = leaves
         return out
 
@@ -126,30 +131,14 @@ class VmHarness:
         """SP headers per root, in tree order, without PFNs."""
         res = []
         for root in self.tdp.roots:
-            _shape(self.tdp.pt, root, res)
+            res.append((root.level, root.gfn, root.invalid, root.lpage_disallowed))
+            it = self.tdp.pt.walk(root, 1, 0, report=False)
+            while it.valid:
+                if it.level > 1 and S.is_shadow_present_pte(it.old_spte) and \
+                        not S.is_last_spte(it.old_spte, it.level):
+                    child = self.tdp.pt.child(it.old_spte)
+                    if child is not None:
+                        res.append((child.level, child.gfn, child.invalid,
+                                    child.lpage_disallowed))
+                it.next()
         return res
-
-
-def _collect(pt, sp, leaves: dict) -> None:
-    import numpy as np
-    from ..mmu import spte as S
-    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
-    lm = S.leaf_mask(sp.spt, sp.level) & present
-    for i in np.flatnonzero(lm).tolist():
-        leaves[sp.gfn_of(i)] = (sp.level, int(sp.spt[i]), int(sp.gens[i]))
-    for i in np.flatnonzero(present & ~lm).tolist():
-        child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
-        if child is not None:
-            _collect(pt, child, leaves)
-
-
-def _shape(pt, sp, res: list) -> None:
-    import numpy as np
-    from ..mmu import spte as S
-    res.append((sp.level, sp.gfn, sp.invalid, sp.lpage_disallowed))
-    present = S.present_mask(sp.spt) & (sp.spt != S.U64(S.REMOVED_SPTE))
-    lm = S.leaf_mask(sp.spt, sp.level) & present
-    for i in np.flatnonzero(present & ~lm).tolist():
-        child = pt.lookup(S.spte_to_pfn(int(sp.spt[i])))
-        if child is not None:
-            _shape(pt, child, res)

@@ -1,4 +1,5 @@
-"""Fast-mode bulk paths of the MMU, exact with respect to ``exact`` mode.
+"""Accelerator of the vCPU run loop (``vcpu_enter_guest`` / KVM_RUN, kvm/vcpu.py) while
+the guest touches memory: the selftests' populate phases.
 
 ``run_bulk`` replaces a run of a vCPU's run-loop steps (Vcpu.run) with one ``Bulk``: the
 guest touching consecutive pages of one 1 GiB region (one level-2 table) of a 4 KiB-mapped
@@ -10,14 +11,18 @@ memslot.  Exact mode spends, per page:
   fault phase 2 maps the page, allocating the 4 KiB table on the region's first fault
   (``fault_4k - fault_4k//4`` + ``sp_alloc``); the retried access (``guest_access``).
 
-The bulk computes the same sequence for every page the guest will touch before the
-need_resched deadline and applies its effects lazily (see ``Engine.settle``).  Resources:
-the vCPU (requests, guest mode), its CPU (need_resched), mmu_lock (a writer would block
-phase 2), the level-2 table and the existing 4 KiB tables of the region (another task
-reading or writing them).  Anything the bulk does not model exactly stops it before the
-page concerned, and the exact path takes over: huge mappings, a read-only leaf for a write,
-a REMOVED or huge entry, a TLB hit, a stale PDE-cache entry, a missing host PTE, dirty
-logging, a missing level-2 table, an invalidation in progress.
+The bulk plans the same sequence for every page the guest will touch before the
+need_resched deadline and applies its effects lazily (see ``Engine.settle``) through the
+owners' batch operations: the vCPU's statistics and observations, the mm's accessed bits,
+mmu_lock's statistics, the TDP MMU's tables and leaves, the store's A/D bits, the TLB.
+Resources: the vCPU (requests, guest mode), its CPU (need_resched), mmu_lock (a writer
+would block phase 2), the level-2 table and the existing 4 KiB tables of the region
+(another task reading or writing them).  Anything the bulk does not model exactly stops it
+before the page concerned, and the exact path takes over: huge mappings, a read-only leaf
+for a write, a REMOVED or huge entry, a TLB hit, a stale PDE-cache entry, a missing host
+PTE, dirty logging, a missing level-2 table, an invalidation in progress.
+
+``_huge_bulk`` does the same for accesses through present huge leaves (``-H``).
 """
 
 from __future__ import annotations
@@ -27,44 +32,35 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 
 from ..host.mm import PAGE
-from ..kvm.vcpu import Fault, TouchGuest
-from ..kvm.vm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
+from ..kvm.vcpu import TouchGuest
+from ..mmu import spte as S
+from ..mmu.page import ROLE_CR0_WP, make_role
 from ..sim.engine import Bulk
-from . import spte as S
-from .page import ROLE_CR0_WP, make_role
 
 if TYPE_CHECKING:
-    from .x86 import X86Mmu
+    from ..kvm.vm import Kvm
 
 REGION_SHIFT = 18          # one level-2 table covers 2^18 4 KiB pages (1 GiB)
 PLAN_WINDOW = 4096         # pages planned at first by a populate bulk (widened as needed)
 U64 = np.uint64
 
 
-class FastPaths:
-    def __init__(self, arch: "X86Mmu"):
-        self.arch = arch
-        self.tdp = arch.tdp
-        self.kvm = arch.kvm
-        arch.fast = self
+class Populate:
+    """The accelerator of one VM's vCPU run loops (``kvm.accel["vcpu_run"]``)."""
+
+    def __init__(self, kvm: "Kvm"):
+        self.kvm = kvm
+        self.tdp = kvm.arch.tdp
 
     # ---- planning ------------------------------------------------------------------------
 
     def _table(self, root, gfn: int, level: int):
         """The table at ``level`` on the path to ``gfn`` (None if not all linked)."""
-        pt = self.tdp.pt
-        sp = root
-        while sp.level > level:
-            i = S.spte_index(gfn, sp.level)
-            if sp.bulks:
-                self.kvm.engine.settle(sp, i, i + 1, read=True)
-            e = int(sp.spt[i])
-            if not S.is_shadow_present_pte(e) or S.is_last_spte(e, sp.level):
+        it = self.tdp.pt.walk(root, level, gfn, report=False)
+        while it.level > level:
+            if not it.try_step_down():
                 return None
-            sp = pt.lookup(S.spte_to_pfn(e))
-            if sp is None:
-                return None
-        return sp
+        return it.sp
 
     def run_bulk(self, vcpu, th, guest) -> Generator:
         """One bulk of the vCPU run loop; returns the number of steps done (0: none)."""
@@ -112,22 +108,19 @@ class FastPaths:
         (absent leaf, A/D to set, a TLB hit, a freed host page) is left to the exact path."""
         kvm = self.kvm
         eng = kvm.engine
-        sp, level = vcpu.root, vcpu.root.level
+        pt = self.tdp.pt
+        it = pt.walk(vcpu.root, 1, gfn0, report=False)   # the walk hw_walk does, reading
         path = []
-        while True:                              # the walk hw_walk does, reading only
-            i = S.spte_index(gfn0, level)
-            if sp.bulks:
-                eng.settle(sp, i, i + 1, read=True)
-            e = int(sp.spt[i])
+        while True:
+            e = it.old_spte
             if not S.is_shadow_present_pte(e):
                 return 0
-            path.append((sp, i, i + 1, 0, 0))     # read, never written by this bulk
-            if S.is_last_spte(e, level):
+            path.append((it.sp, it.index, it.index + 1, 0, 0))   # read, never written
+            if S.is_last_spte(e, it.level):
                 break
-            sp = self.tdp.pt.lookup(S.spte_to_pfn(e))
-            level -= 1
-            if sp is None or level == 1:
+            if it.level == 2 or not it.try_step_down():
                 return 0                         # 4 KiB leaves: the populate bulk's job
+        sp, i, level = it.sp, it.index, it.level
         need = S.SHADOW_ACCESSED | ((S.EPT_W | S.SHADOW_DIRTY) if write else 0)
         if (e & need) != need:
             return 0
@@ -139,13 +132,10 @@ class FastPaths:
         in_tlb = vcpu.tlb.gfns_in(gfn0, int(gfns[-1]) + 1)
         if in_tlb:
             n = _cut(n, np.isin(gfns, np.array(in_tlb, dtype=np.int64)))
-        gen = int(sp.gens[i])
+        gen = pt.gen(sp, i)
         pfns = S.spte_to_pfn(e) + (gfns[:n] & (span - 1))
         mem = kvm.host.memory
-        ok = (pfns > 0) & (pfns < len(mem.state))
-        live = np.zeros(n, dtype=bool)
-        live[ok] = (mem.state[pfns[ok]] == 1) & (mem.gen[pfns[ok]] == gen)
-        n = _cut(n, ~live)
+        n = _cut(n, ~mem.live_mask(pfns, np.full(n, gen, dtype=np.uint32)))
         ga = kvm.costs.guest_access
         room = th.host.sched.need_resched_at(th.cpu) - eng.now
         m = min(n, (room - 1) // ga + 1) if room > 0 else 0
@@ -153,14 +143,16 @@ class FastPaths:
             return 0
         t0 = eng.now
         tlb = vcpu.tlb
+        writable, executable = bool(e & S.EPT_W), bool(e & S.EPT_X)
 
         def apply(k: int) -> None:
-            tlb.misses += k
-            tlb.fill_many(gfns[:k], pfns[:k], np.full(k, gen, dtype=np.uint32),
-                          t0 + ga * np.arange(k, dtype=np.int64), bool(e & S.EPT_W), write,
-                          level, bool(e & S.EPT_X))
-            guest.pos += k
-            vcpu.mode = IN_GUEST_MODE
+            times = t0 + ga * np.arange(k, dtype=np.int64)
+            gens = np.full(k, gen, dtype=np.uint32)
+            tlb.count_misses(k)
+            tlb.fill_many(gfns[:k], pfns[:k], gens, times, writable, write, level, executable)
+            vcpu.observe_accesses(gfns[:k], pfns[:k], gens, times, times, False, write)
+            guest.advance(k)
+            vcpu.enter_guest()
 
         k = yield Bulk((m, ga), apply, [vcpu, th.cpu, mem, *path])
         return k
@@ -199,14 +191,14 @@ class FastPaths:
         seg_hi = np.append(seg_lo[1:], n)
         leaf_tables: dict[int, object] = {}
         nseg = int(np.searchsorted(seg_lo, n, side="left"))     # segments that start < n
+        pt = self.tdp.pt
         if nseg:
-            if l2.bulks:
-                eng.settle(l2, int(seg_pde[0]), int(seg_pde[nseg - 1]) + 1, read=True)
-            ents = l2.spt[seg_pde[:nseg]].tolist()
+            ents = pt.entries_at(l2, seg_pde[:nseg], int(seg_pde[0]),
+                                 int(seg_pde[nseg - 1]) + 1).tolist()
             g_lo = gfns[seg_lo[:nseg]].tolist()
             g_hi = gfns[seg_hi[:nseg] - 1].tolist()
             psc2 = tlb.psc.get(2) or {}
-            lookup = self.tdp.pt.by_pfn.get
+            lookup = pt.lookup
             for pde, lo_j, e, g0, g1 in zip(seg_pde.tolist(), seg_lo.tolist(), ents, g_lo,
                                             g_hi):
                 sp = None
@@ -215,8 +207,7 @@ class FastPaths:
                         n = lo_j
                         break
                     sp = lookup(S.spte_to_pfn(e))
-                    if sp.bulks:
-                        eng.settle(sp, g0 & 511, (g1 & 511) + 1)
+                    pt.claim(sp, g0 & 511, (g1 & 511) + 1)
                 # the PDE cache must not point at another table
                 c = psc2.get(g0 >> 9)
                 if c is not None and (sp is None or c != sp.pfn):
@@ -235,7 +226,8 @@ class FastPaths:
             sp = leaf_tables[pde]
             if sp is not None:
                 lo_j, hi_j = int(seg_lo[s_i]), int(seg_hi[s_i])
-                cur[lo_j:hi_j] = sp.spt[gfns[lo_j:hi_j] & 511]
+                ii = gfns[lo_j:hi_j] & 511
+                cur[lo_j:hi_j] = pt.entries_at(sp, ii, int(ii[0]), int(ii[-1]) + 1)
         present = S.present_mask(cur)
         ok_present = present & ((cur & U64(S.PT_PAGE_SIZE_MASK)) == 0)
         if write:
@@ -310,7 +302,8 @@ def _cut(n: int, bad: np.ndarray) -> int:
 
 
 class _Plan:
-    """The effects of the first k steps of a populate bulk (Bulk.apply)."""
+    """The effects of the first k steps of a populate bulk (Bulk.apply), applied through
+    the owners' batch operations."""
 
     def __init__(self, fp, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
                  pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi, cost):
@@ -320,7 +313,7 @@ class _Plan:
 
     def apply(self, k: int) -> None:
         fp, vcpu, kvm = self.fp, self.vcpu, self.fp.kvm
-        tdp, pt = fp.tdp, fp.tdp.pt
+        tdp = fp.tdp
         gfns, absent, first_step, steps = self.gfns, self.absent, self.first_step, self.steps
         done = np.clip(k - first_step, 0, steps)           # steps done per page
         n = len(gfns)
@@ -328,29 +321,21 @@ class _Plan:
         npages = int(np.argmin(full)) if not full.all() else n   # pages fully done (prefix)
         a_done = absent & (done >= 1)
         b_done = absent & (done >= 2)
-        # fault phase 1: exits, faults taken, host PTE accessed
+        vma = self.vma
+        # fault phase 1: exits, faults taken, host PTE accessed; phase 2: faults fixed
         na = int(a_done.sum())
-        vcpu.stat["exits"] += na
-        vcpu.stat["pf_taken"] += na
-        self.vma.young[self.idx[a_done]] = True
-        # fault phase 2: tables, leaves (mmu_lock read taken and dropped each time)
         nb = int(b_done.sum())
-        vcpu.stat["pf_fixed"] += nb
-        kvm.mmu_lock.stats_read.acquires += nb
+        vcpu.account(exits=na, pf_taken=na, pf_fixed=nb)
+        kvm.mm.mark_young(vma, self.idx[a_done])
+        # fault phase 2: tables, leaves (mmu_lock read taken and dropped each time)
+        kvm.mmu_lock.account_uncontended_reads(nb)
         role1 = make_role(1, self.slot.as_id, bool(self.root.role & ROLE_CR0_WP))
         tables = dict(self.leaf_tables)
         for pde, j in sorted(self.alloc_page.items(), key=lambda x: x[1]):
-            if not b_done[j]:
-                continue
-            g2m = int(gfns[j]) & ~511
-            sp = pt.alloc(g2m, role1, (self.l2, pde))
-            self.l2.spt[pde] = S.make_nonleaf_spte(sp.pfn)
-            self.l2.gens[pde] = 0
-            tdp.pages[sp.id] = sp
-            tables[pde] = sp
+            if b_done[j]:
+                tables[pde] = tdp.install_table(self.l2, pde, int(gfns[j]) & ~511, role1)
         segs = list(zip(self.seg_pde.tolist(), self.seg_lo.tolist(), self.seg_hi.tolist()))
         if nb:
-            vma = self.vma
             sel = np.flatnonzero(b_done)
             vals = S.make_4k_sptes(vma.pte[self.idx[sel]], writable=not self.slot.readonly)
             gens = vma.pte_gen[self.idx[sel]]
@@ -361,28 +346,20 @@ class _Plan:
                 a, b = cuts[s_i], cuts[s_i + 1]
                 if a == b:
                     continue
-                sp = tables[pde]
                 i0, i1 = int(ii[a]), int(ii[b - 1]) + 1
-                if i1 - i0 == b - a:            # contiguous entries: slices
-                    sp.spt[i0:i1] = vals[a:b]
-                    sp.gens[i0:i1] = gens[a:b]
-                else:
-                    sp.spt[ii[a:b]] = vals[a:b]
-                    sp.gens[ii[a:b]] = gens[a:b]
-            kvm.stat["pages_4k"] += nb
-            tdp.leaves_installed += nb
+                at = slice(i0, i1) if i1 - i0 == b - a else ii[a:b]   # contiguous: a slice
+                tdp.install_leaves(tables[pde], i0, i1, at, vals[a:b], gens[a:b])
         # accesses (the retried access of a fault, or the one access of a present page)
-        acc = np.zeros(n, dtype=bool)
-        acc[:npages] = True
         tlb = vcpu.tlb
-        tlb.misses += na + int(acc.sum())
-        pres = acc & ~absent
+        tlb.count_misses(na + npages)
+        pres = ~absent[:npages]
         if pres.any():
-            bits = U64(S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if self.write else 0))
+            bits = S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if self.write else 0)
             for pde, lo_j, hi_j in segs:
                 sel = np.flatnonzero(pres[lo_j:hi_j]) + lo_j
                 if len(sel):
-                    tables[pde].spt[gfns[sel] & 511] |= bits
+                    ii = gfns[sel] & 511
+                    tdp.pt.set_bits(tables[pde], ii, int(ii[0]), int(ii[-1]) + 1, bits)
         # PDE cache: one fill per region, at the first walk that passes its level-2 entry
         # (the region's first access if its table existed, else the access retried after
         # the fault that created it)
@@ -395,127 +372,30 @@ class _Plan:
             if walked:
                 tlb.psc_fill(2, int(gfns[lo_j]), tables[pde].pfn)
         if npages:
-            self._fill_tlb(tlb, npages)
-        self.guest.pos += npages
+            self._accessed(vcpu, npages)
+        self.guest.advance(npages)
         # where the vCPU stands after the last step done
         if npages < n and done[npages] >= 1:
-            j = npages
-            vcpu.mode = OUTSIDE_GUEST_MODE
-            if done[j] == 1:
-                f = Fault(int(gfns[j]), self.write)
-                f.mmu_seq = kvm.mmu_notifier_seq
-                f.slot = self.slot
-                f.hva = self.slot.gfn_to_hva(int(gfns[j]))
-                f.map_writable = not self.slot.readonly
-                f.pfn = int(self.vma.pte[self.idx[j]])
-                f.gen = int(self.vma.pte_gen[self.idx[j]])
-                f.max_level = 1
-                vcpu.fault = f
+            # the next page faulted (its exit and pf_taken are counted above) ...
+            vcpu.left_guest()
+            if done[npages] == 1:
+                # ... and stands between the two phases of its fault (phase 1 changes
+                # nothing else for a present host PTE)
+                vcpu.fault_phase1(int(gfns[npages]), self.write)
         elif npages:
-            vcpu.mode = IN_GUEST_MODE
+            vcpu.enter_guest()
 
-    def _fill_tlb(self, tlb, npages: int) -> None:
-        """The TLB after ``npages`` accesses in order (LRU: only the last ``capacity``)."""
-        cap = tlb.capacity
-        keep = npages if cap is None else min(npages, cap)
-        j = np.arange(npages - keep, npages)
+    def _accessed(self, vcpu, npages: int) -> None:
+        """The first ``npages`` accesses completed: TLB fills (LRU: only the newest
+        ``capacity`` stay) and the observations."""
         # access time of page j: start of its last step
-        last_step = (self.first_step + self.steps - 1)[j]
-        cost_cum = self.cum
-        times = self.t0 + np.where(last_step > 0, cost_cum[np.maximum(last_step - 1, 0)], 0)
-        ii = self.idx[j]
-        tlb.fill_many(self.gfns[j], self.vma.pte[ii], self.vma.pte_gen[ii], times,
+        last_step = (self.first_step + self.steps - 1)[:npages]
+        times = self.t0 + np.where(last_step > 0, self.cum[np.maximum(last_step - 1, 0)], 0)
+        ii = self.idx[:npages]
+        pfns, gens = self.vma.pte[ii], self.vma.pte_gen[ii]
+        tlb = vcpu.tlb
+        cap = tlb.capacity
+        keep = slice(None) if cap is None else slice(max(0, npages - cap), None)
+        tlb.fill_many(self.gfns[:npages][keep], pfns[keep], gens[keep], times[keep],
                       not self.slot.readonly, self.write)
-
-
-# ---- leaf-table bulks: zap leaves, write-protect, clear dirty --------------------------
-
-LEAF_OPS = ("zap", "wrprot", "clear_dirty")
-
-
-def leaf_table_bulk(tdp, th, it, end: int, op: str, shared: bool) -> Generator:
-    """Process the rest of the 4 KiB table the iterator is in, as exact mode would one
-    entry at a time (``tdp_mmu_zap_leafs``, ``kvm_tdp_mmu_wrprot_slot``,
-    ``kvm_tdp_mmu_clear_dirty_slot``), and leave the iterator on the last entry done.
-
-    Called right after the yield check passed for the current entry.  Returns (entries
-    done, whether any SPTE changed); (0, False) when a bulk does not apply."""
-    kvm = tdp.kvm
-    eng = kvm.engine
-    sched = kvm.host.sched
-    lock = kvm.mmu_lock
-    if not eng.fast or it.level != 1 or it.yielded or sched.need_resched(th) \
-            or lock.needbreak():
-        return 0, False
-    sp = it.sp
-    i0 = it.index
-    j = min(512, i0 + (end - it.gfn))
-    if j - i0 < 2 or tdp.frozen:
-        return 0, False
-    if sp.bulks:
-        eng.settle(sp, i0, j)
-    ents = sp.spt[i0:j]
-    if (ents == U64(S.REMOVED_SPTE)).any() or sp.freed:
-        return 0, False
-    present = S.present_mask(ents)
-    if op == "zap":
-        target = present
-    elif op == "wrprot":
-        target = present & ((ents & U64(S.EPT_W)) != 0)
-    else:
-        target = present & ((ents & U64(S.SHADOW_DIRTY)) != 0)
-    costs = kvm.costs
-    cost = np.full(j - i0, costs.spte_visit, dtype=np.int64)
-    if op == "zap":
-        cost[target] += costs.spte_zap_4k
-    room = sched.need_resched_at(th.cpu) - eng.now
-    cum = np.cumsum(cost)
-    m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
-    if m < 2:
-        return 0, False
-    gfn0 = it.gfn
-
-    def apply(k: int) -> None:
-        t = np.flatnonzero(target[:k]) + i0
-        if not len(t):
-            return
-        old = sp.spt[t].copy()
-        gens = sp.gens[t].copy()
-        if op == "zap":
-            sp.spt[t] = U64(0)
-            kvm.stat["pages_4k"] -= len(t)
-            tdp.leaves_zapped += len(t)
-            _write_backs(tdp, th, old, gens)
-        elif op == "wrprot":
-            sp.spt[t] = old & ~U64(S.EPT_W)
-        else:
-            sp.spt[t] = old & ~U64(S.SHADOW_DIRTY)
-
-    k = yield Bulk(None, apply, [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)],
-                   cum=cum[:m])
-    # leave the iterator on the last entry done, as k-1 side steps would have
-    last = i0 + k - 1
-    it.index = last
-    it.gfn = gfn0 + (k - 1)
-    it.next_last_level_gfn = it.gfn
-    it.old_spte = int(sp.spt[last])
-    return k, bool(target[:k].any())
-
-
-def _write_backs(tdp, th, old: np.ndarray, gens: np.ndarray) -> None:
-    """The A/D write-backs of zapped leaves, reported as exact mode reports them: per entry,
-    the dirty write-back then the accessed one."""
-    mem = tdp.host.memory
-    pfns = S.pfns_of(old)
-    ok = (pfns > 0) & (pfns < len(mem.state))
-    live = np.zeros(len(pfns), dtype=bool)
-    live[ok] = (mem.state[pfns[ok]] == 1) & (mem.gen[pfns[ok]] == gens[ok])
-    if live.all():
-        return
-    dirty = (old & U64(S.SHADOW_DIRTY)) != 0
-    acc = (old & U64(S.SHADOW_ACCESSED)) != 0
-    for e in np.flatnonzero(~live).tolist():
-        if dirty[e]:
-            mem.write_back(int(pfns[e]), int(gens[e]), th, "dirty")
-        if acc[e]:
-            mem.write_back(int(pfns[e]), int(gens[e]), th, "accessed")
+        vcpu.observe_accesses(self.gfns[:npages], pfns, gens, times, times, False, self.write)

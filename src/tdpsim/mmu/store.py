@@ -1,0 +1,227 @@
+"""The page-table store: the only code that reads or writes SPTE storage.
+
+A VM's page tables are ``ShadowPage`` headers (page.py) whose 512 entries, and the
+model-only generation of the host page each leaf maps, live in a store.  Everything else
+(the TDP MMU, the hardware walker, the fast-path accelerators, the oracles, the harness)
+goes through this interface: entry operations (``read``, ``write``, ``gen``), range
+operations (``entries``, ``write_many``, ``set_bits``, ``clear_bits``, ``count_present``,
+``freeze_all``), table allocation, lookup by PFN and freeing, and the one walker built on
+them (``TdpIter``, tdp_iter.py).
+
+Settling (docs/design-notes.md, "fast granularity"): a table is a Resource whose keys are
+its entry indices.  Every entry operation settles the fast-mode bulks that depend on the
+entries it touches before touching them: a read settles the bulks that write them (bulks
+that only read them may stay), a write settles every bulk that reads or writes them.  Call
+sites never settle tables by hand.  Under the settle checker (``TDPSIM_CHECK_SETTLE=1``,
+engine.py) every operation then asserts that no pending bulk of another task still
+overlaps what it touches, so a settle missing here raises at the operation that lacked it.
+
+``DenseStore`` is the reference layout: a NumPy ``uint64[512]`` of SPTEs and a
+``uint32[512]`` of generations per table, in the header's ``_spt`` / ``_gens`` slots, which
+no other module reads.  A store for another layout implements the same methods (see
+docs/design-notes.md, "how to add a storage").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..host.memory import POISON
+from . import spte as S
+from .page import ShadowPage
+from .tdp_iter import TdpIter
+
+if TYPE_CHECKING:
+    from ..host.host import Host
+
+U64 = np.uint64
+_REMOVED = U64(S.REMOVED_SPTE)
+
+
+class PageTableStore:
+    """Allocation, lookup by PFN and freeing of a VM's page-table pages, and the page-table
+    accounting (allocated, freed, live, peak).  Subclasses hold the entries."""
+
+    def __init__(self, host: "Host", name: str = "kvm"):
+        self.host = host
+        self.engine = host.engine
+        self.mem = host.memory
+        self.name = name
+        self.by_pfn: dict[int, ShadowPage] = {}
+        self._next_id = 0
+        self.allocated = 0
+        self.freed = 0
+        self.live = 0
+        self.peak = 0
+
+    # ---- tables --------------------------------------------------------------------------
+
+    def alloc(self, gfn: int, role: int, ptep=None) -> ShadowPage:
+        """Allocate an SP (the kernel takes it from the vCPU's memory cache), all entries 0."""
+        pfn = self.mem.alloc(f"{self.name}:pt")
+        sp = ShadowPage(self._next_id, gfn, role, pfn, int(self.mem.gen[pfn]), ptep)
+        self._next_id += 1
+        self._init_entries(sp)
+        self.by_pfn[pfn] = sp
+        self.allocated += 1
+        self.live += 1
+        if self.live > self.peak:
+            self.peak = self.live
+        return sp
+
+    def lookup(self, pfn: int) -> ShadowPage | None:
+        """The SP living at ``pfn`` (None if that page is not a live page table)."""
+        return self.by_pfn.get(pfn)
+
+    def child(self, spte: int) -> ShadowPage | None:
+        """The table a non-leaf SPTE points to (None if it is not a live page table)."""
+        return self.by_pfn.get(S.spte_to_pfn(spte))
+
+    def walk(self, root: ShadowPage, min_level: int, start: int,
+             report: bool = True) -> "TdpIter":
+        """The walker (``TdpIter``) over this store from ``root`` (any table) at ``start``."""
+        return TdpIter(self, root, min_level, start, report)
+
+    def free(self, sp: ShadowPage, who=None) -> None:
+        """Free an SP's page: poison its entries (late walkers see garbage), free the PFN."""
+        if sp.freed:
+            self.host.report("double_free", who, pfn=sp.pfn, owner=f"{self.name}:pt sp#{sp.id}")
+            return
+        sp.freed = True
+        self._poison(sp)
+        del self.by_pfn[sp.pfn]
+        self.mem.free(sp.pfn, who)
+        self.freed += 1
+        self.live -= 1
+
+    # ---- settling ------------------------------------------------------------------------
+
+    def _settle(self, sp: ShadowPage, lo: int, hi: int, read: bool) -> None:
+        """Settle the bulks depending on entries [lo, hi) of ``sp`` (see module doc)."""
+        eng = self.engine
+        if sp.bulks:
+            eng.settle(sp, lo, hi, read=read)
+        if eng.check_settle:
+            eng.assert_settled(sp, lo, hi, read)
+
+    def claim(self, sp: ShadowPage, lo: int, hi: int) -> None:
+        """Settle every bulk that depends on entries [lo, hi) of ``sp`` before a bulk that
+        may write them is declared on them (it will write them lazily, through the store)."""
+        self._settle(sp, lo, hi, False)
+
+    def settle_all(self, sp: ShadowPage) -> None:
+        """Settle every bulk that depends on ``sp`` (before it is unlinked and torn down)."""
+        eng = self.engine
+        if sp.bulks:
+            eng.settle(sp)
+        if eng.check_settle:
+            eng.assert_settled(sp, None, None, False)
+
+    # ---- the interface a layout implements -----------------------------------------------
+
+    def _init_entries(self, sp: ShadowPage) -> None:
+        raise NotImplementedError
+
+    def _poison(self, sp: ShadowPage) -> None:
+        raise NotImplementedError
+
+
+class DenseStore(PageTableStore):
+    """Every table as a NumPy ``uint64[512]`` of SPTEs plus ``uint32[512]`` generations."""
+
+    def _init_entries(self, sp: ShadowPage) -> None:
+        sp._spt = np.zeros(S.SPTE_ENTRIES, dtype=np.uint64)
+        sp._gens = np.zeros(S.SPTE_ENTRIES, dtype=np.uint32)
+
+    def _poison(self, sp: ShadowPage) -> None:
+        sp._spt.fill(POISON)
+
+    # ---- entries -------------------------------------------------------------------------
+
+    def read(self, sp: ShadowPage, i: int) -> int:
+        """The SPTE at ``sp[i]`` (a plain load: READ_ONCE)."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, i, i + 1, True)
+        return int(sp._spt[i])
+
+    def read_for_update(self, sp: ShadowPage, i: int) -> int:
+        """The SPTE at ``sp[i]`` read by a walker that may update it in place (the
+        hardware walker's A/D assist): settles as a writer."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, i, i + 1, False)
+        return int(sp._spt[i])
+
+    def gen(self, sp: ShadowPage, i: int) -> int:
+        """Generation of the host page the leaf at ``sp[i]`` mapped when installed."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, i, i + 1, True)
+        return int(sp._gens[i])
+
+    def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
+        """Store ``spte`` at ``sp[i]`` (and its generation, unless None: kept)."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, i, i + 1, False)
+        sp._spt[i] = spte
+        if gen is not None:
+            sp._gens[i] = gen
+
+    def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
+        """A copy of the SPTEs of ``sp[lo:hi]``."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, True)
+        return sp._spt[lo:hi].copy()
+
+    def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """The SPTEs at indices ``idx`` (all within [lo, hi)) of ``sp``."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, True)
+        return sp._spt[idx]
+
+    def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
+        """A copy of the generations at ``idx`` (a slice or an index array, all within
+        [lo, hi)) of ``sp``."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, True)
+        return sp._gens[idx].copy()
+
+    def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
+                   gens: np.ndarray | int) -> None:
+        """Store ``sptes`` (and ``gens``) at ``idx`` (a slice or an index array), all within
+        [lo, hi) of ``sp``."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, False)
+        sp._spt[idx] = sptes
+        sp._gens[idx] = gens
+
+    def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        """OR ``bits`` into the SPTEs at ``idx`` (within [lo, hi)): A/D assists in bulk."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, False)
+        sp._spt[idx] |= U64(bits)
+
+    def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        """AND out ``bits`` of the SPTEs at ``idx`` (within [lo, hi))."""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, False)
+        sp._spt[idx] &= ~U64(bits)
+
+    def count_present(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> int:
+        """Present entries (REMOVED excluded) among ``sp[lo:hi]``."""
+        ents = self.entries(sp, lo, hi)
+        return int((S.present_mask(ents) & (ents != _REMOVED)).sum())
+
+    def any_removed(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> bool:
+        """Is any of ``sp[lo:hi]`` frozen (REMOVED)?"""
+        if sp.bulks or self.engine.check_settle:
+            self._settle(sp, lo, hi, True)
+        return bool((sp._spt[lo:hi] == _REMOVED).any())
+
+    def freeze_all(self, sp: ShadowPage) -> tuple[np.ndarray, np.ndarray]:
+        """xchg every entry of ``sp`` with REMOVED; returns the old SPTEs and generations
+        (handle_removed_pt's loop, done at once).  The caller has settled the table."""
+        old = sp._spt.copy()
+        gens = sp._gens.copy()
+        sp._spt[:] = _REMOVED
+        return old, gens
