@@ -6,6 +6,13 @@ from tdpsim.sim.strategy import make_strategy
 
 
 @pytest.fixture
+def settle_checker(monkeypatch):
+    """Runs the test under the settle checker (engine.py): an access to a resource that a
+    pending bulk depends on, without settling it first, raises ``SettleError``."""
+    monkeypatch.setenv("TDPSIM_CHECK_SETTLE", "1")
+
+
+@pytest.fixture
 def mkhost():
     """Host factory: ``mkhost(ncpus=2, costs={...}, **config)``."""
     def make(costs=None, strategy="fifo", seed=0, granularity="exact", trace=None, **cfg):

@@ -11,6 +11,9 @@ import pytest
 from tdpsim.sim.trace import Trace
 from tdpsim.workloads.host_demo import DemoConfig, run
 
+#: the differential tests run under the settle checker
+pytestmark = pytest.mark.usefixtures("settle_checker")
+
 
 def _cfg(seed):
     return dict(seed=seed, cpus=1 + seed % 3, loopers=1 + seed % 4, iterations=150,

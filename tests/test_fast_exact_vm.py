@@ -19,6 +19,9 @@ from tdpsim.kvm.vcpu import TouchGuest
 from tdpsim.mmu.tdp_ops import kvm_tdp_mmu_clear_dirty_slot
 from tdpsim.workloads.vm import VmHarness
 
+#: the differential tests run under the settle checker
+pytestmark = pytest.mark.usefixtures("settle_checker")
+
 
 def scenario(granularity: str, seed: int, kernel: str = "5.18") -> tuple[dict, int]:
     rng = random.Random(seed)

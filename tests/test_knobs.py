@@ -8,10 +8,9 @@ from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from tdpsim.kvm.vcpu import Guest, TouchGuest
 from tdpsim.kvm.vm import GfnRange
 from tdpsim.mmu import spte as S
-from tdpsim.mmu import tdp_ops
 from tdpsim.mmu.policy import Policy, preset
 from tdpsim.mmu.tdp_iter import TdpIter
-from tdpsim.workloads.vm import VmHarness, run_now
+from tdpsim.workloads.vm import VmHarness
 
 
 def pol(knob: str, on: bool) -> Policy:

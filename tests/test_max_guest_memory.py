@@ -111,7 +111,7 @@ def test_both_kernels_do_the_same_work(both):
 
 
 @pytest.mark.parametrize("hugetlb", [False, True])
-def test_fast_granularity_gives_the_exact_run(hugetlb):
+def test_fast_granularity_gives_the_exact_run(hugetlb, settle_checker):
     """The whole selftest, every step an event vs bulks: the same figures (with -H the
     bulks are the accesses through 2 MiB leaves)."""
     for k in ("5.18", "5.17"):

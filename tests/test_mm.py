@@ -1,6 +1,5 @@
 """Process address space and mmu_notifier hook ordering (mm/mmap.c, madvise.c, ksm.c, rmap.c)."""
 
-import numpy as np
 import pytest
 
 from tdpsim.host.memory import ALLOCATED, FREE

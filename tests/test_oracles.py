@@ -9,20 +9,20 @@ monitor test drives a scenario that the monitor must measure.
 
 import pytest
 
-from tdpsim.host.completion import Completion
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.vcpu import Guest, TouchGuest
 from tdpsim.kvm.vm import IN_GUEST_MODE
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.tdp_iter import TdpIter
 from tdpsim.workloads.vm import VmHarness
+from vmhelpers import driver, one_shot, quiesce
 
 MS = 1_000_000
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-Gate = lambda h: Completion(h.host)   # a one-shot event (struct completion)
+Gate = one_shot
 
 
 class Spin(Guest):
@@ -41,15 +41,6 @@ class Spin(Guest):
 
     def advance(self):
         self.pos += 1
-
-
-def driver(h, fn, after=None, name="driver"):
-    """Run ``fn(th)`` in a kernel thread once ``after`` (a Gate) is set."""
-    def body(th):
-        if after is not None:
-            yield from after.wait(th)
-        yield from fn(th)
-    return h.spawn(body, name)
 
 
 def touched(h, n=256, v=0):
@@ -96,11 +87,6 @@ def leaf_it(h, root, gfn):
 def l1_table(h):
     (sp,) = [sp for sp in h.tdp.pages.values() if sp.level == 1]
     return sp
-
-
-def quiesce(th, h):
-    yield from h.tdp.zap_wq.flush(th)
-    yield from h.host.rcu.rcu_barrier(th)
 
 
 def kinds(h):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tdpsim.check.oracles import count_present
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.vcpu import Guest, TouchGuest
+from tdpsim.mmu.tdp_iter import count_present
 from tdpsim.workloads.vm import VmHarness
 
 

@@ -7,25 +7,23 @@ the oracles found nothing.
 """
 
 import numpy as np
-import pytest
 
-from tdpsim.check.oracles import count_leaves, count_present
-from tdpsim.host.completion import Completion
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from tdpsim.kvm.vcpu import TouchGuest
 from tdpsim.kvm.vm import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, GfnRange
 from tdpsim.mmu import spte as S
 from tdpsim.mmu import tdp_ops
-from tdpsim.mmu.tdp_iter import TdpIter
+from tdpsim.mmu.tdp_iter import TdpIter, count_leaves, count_present, for_each_leaf
 from tdpsim.workloads.vm import VmHarness
+from vmhelpers import driver, one_shot, quiesce
 
 GIB_PAGES = 262144          # 4 KiB pages per 1 GiB
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-Flag = lambda h: Completion(h.host)   # a one-shot event (struct completion)
+Flag = one_shot
 
 
 def record(h, *kinds):
@@ -61,30 +59,9 @@ def populate(h, n=None, vcpus=None):
     return all_done
 
 
-def driver(h, fn, after=None, name="driver"):
-    """Run ``fn(th)`` in a kernel thread once ``after`` (a Flag) is set."""
-    def body(th):
-        if after is not None:
-            yield from after.wait(th)
-        yield from fn(th)
-    return h.spawn(body, name)
-
-
 def leaves_of(h, root, g0, g1):
     """{gfn: spte} of the present leaves of ``root`` in [g0, g1)."""
-    out = {}
-    it = TdpIter(h.tdp.pt, root, S.PG_LEVEL_4K, g0)
-    while it.valid and it.gfn < g1:
-        if S.is_shadow_present_pte(it.old_spte) and S.is_last_spte(it.old_spte, it.level):
-            out[it.gfn] = (it.level, it.old_spte)
-        it.next()
-    return out
-
-
-def quiesce(th, h):
-    """Keep the run alive until queued zap work and RCU callbacks have all run."""
-    yield from h.tdp.zap_wq.flush(th)
-    yield from h.host.rcu.rcu_barrier(th)
+    return {it.gfn: (it.level, it.old_spte) for it in for_each_leaf(h.tdp.pt, root, g0, g1)}
 
 
 def sps(h, level=None):

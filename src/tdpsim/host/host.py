@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Callable, Generator
 
 from ..costs import CostModel
@@ -177,7 +177,3 @@ class Host:
 
     def finish(self) -> None:
         self.sched.finish()
-
-
-def host_config_fields() -> list[str]:
-    return [f.name for f in fields(HostConfig)]

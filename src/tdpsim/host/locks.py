@@ -72,6 +72,8 @@ class SpinLock(Resource):
             return
         if self.bulks:
             eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
         self.stats.contended += 1
         self._wait_start[th.id] = eng.now
         self.queue.append(th)
@@ -131,8 +133,11 @@ class RwLock(Resource):
         yield from self._wait(th, READ)
 
     def write_lock(self, th: "Thread") -> Generator:
+        eng = self.host.engine
         if self.bulks:   # a writer changes what bulks taking the lock for read would see
-            self.host.engine.settle(self)
+            eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
         if self.writer is None and not self.readers and not self.queue:
             self._grant(th, WRITE)
             return
@@ -190,6 +195,8 @@ class RwLock(Resource):
         eng = self.host.engine
         if self.bulks:
             eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
         (self.stats_read if mode == READ else self.stats_write).contended += 1
         self._wait_start[th.id] = eng.now
         self.queue.append((th, mode))

@@ -81,8 +81,11 @@ class PageAllocator(Resource):
         return pfn
 
     def free(self, pfn: int, who=None) -> None:
+        eng = self.host.engine
         if self.bulks:
-            self.host.engine.settle(self)
+            eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
         if self.state[pfn] != ALLOCATED:
             self.host.report("double_free", who, pfn=pfn, owner=self.owner[pfn])
             return
@@ -133,8 +136,11 @@ class PageAllocator(Resource):
         return out
 
     def free_many(self, pfns: np.ndarray, who=None) -> None:
+        eng = self.host.engine
         if self.bulks:
-            self.host.engine.settle(self)
+            eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
         pfns = np.asarray(pfns, dtype=np.int64)
         uniq, first, counts = np.unique(pfns, return_index=True, return_counts=True)
         live = self.state[uniq] == ALLOCATED

@@ -288,8 +288,11 @@ class Mm:
 
     def _settle(self, v: Vma, lo: int | None = None, hi: int | None = None) -> None:
         """Settle bulks depending on the PTEs [lo, hi) of ``v`` (all if no range)."""
+        eng = self.host.engine
         if v.bulks:
-            self.host.engine.settle(v, lo, hi)
+            eng.settle(v, lo, hi)
+        if eng.check_settle:
+            eng.assert_settled(v, lo, hi, False)
 
     # ---- host-side events (generators run by a host thread) -----------------------------
 

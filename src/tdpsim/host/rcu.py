@@ -71,9 +71,6 @@ class Rcu:
                 and self._min_elapsed:
             self._end_gp()
 
-    def in_reader(self, th: "Thread") -> bool:
-        return th.rcu_nesting > 0
-
     # ---- grace periods ------------------------------------------------------------------
 
     def call_rcu(self, fn: Callable[[], None]) -> None:

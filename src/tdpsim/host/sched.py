@@ -24,7 +24,7 @@ Model (a simplification of CFS, recorded in docs/design-notes.md):
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Generator
+from typing import TYPE_CHECKING, Generator
 
 from ..sim.engine import PARK, Resource, Task
 
@@ -122,6 +122,8 @@ class Scheduler:
     def _enqueue(self, cpu: Cpu, th: Thread) -> None:
         if cpu.bulks:
             self.engine.settle(cpu)
+        if self.engine.check_settle:
+            self.engine.assert_settled(cpu, None, None, False)
         if not cpu.rq:
             cpu.resched_at = max(self.engine.now, cpu.slice_start + self.timeslice)
         th.cpu = cpu

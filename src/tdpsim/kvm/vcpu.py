@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Generator
 
-from ..host.mm import PAGE
 from ..sim.engine import Resource
 from .tlb import Tlb, TlbEntry, hw_walk
 from .vm import (EXITING_GUEST_MODE, IN_GUEST_MODE, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Generator
 
 from ..host.mm import Mm, MmuNotifierOps, NotifierRange, PAGE
-from ..sim.engine import PARK, Resource
+from ..sim.engine import PARK
 from .memslot import (KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS, Memslot, Memslots,
                       check_region)
 
@@ -96,6 +96,8 @@ class Kvm:
         slots = self.memslots[as_id]
         if slots.bulks:
             self.engine.settle(slots)
+        if self.engine.check_settle:
+            self.engine.assert_settled(slots, None, None, False)
         old = slots.by_id.get(slot_id)
         if npages == 0:
             if old is None:
@@ -106,6 +108,8 @@ class Kvm:
             yield from self.arch.flush_shadow_memslot(th, old)
             if slots.bulks:
                 self.engine.settle(slots)
+            if self.engine.check_settle:
+                self.engine.assert_settled(slots, None, None, False)
             slots.remove(slot_id)
             self.observe("memslot_deleted", slot=old, t=self.engine.now)
             return
@@ -131,6 +135,8 @@ class Kvm:
             yield from self.arch.flush_shadow_memslot(th, old)
             if slots.bulks:
                 self.engine.settle(slots)
+            if self.engine.check_settle:
+                self.engine.assert_settled(slots, None, None, False)
             old.base_gfn = base
             old.invalid = False
             slots._reindex()
@@ -151,6 +157,8 @@ class Kvm:
         for v in self.vcpus:
             if v.bulks:
                 self.engine.settle(v)
+            if self.engine.check_settle:
+                self.engine.assert_settled(v, None, None, False)
             v.requests.add(req)
             if v.mode == IN_GUEST_MODE:
                 v.mode = EXITING_GUEST_MODE

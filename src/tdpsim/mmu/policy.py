@@ -77,9 +77,3 @@ def label(policy: Policy) -> str:
             best = (name, diff)
     name, diff = best
     return " ".join([name, *diff])
-
-
-def check_supported(policy: Policy) -> None:
-    """Refuse knob combinations the model cannot run (none so far: every knob has both its
-    5.17 and its 5.18 side, and mixed combinations run, bugs included, for the oracles to
-    judge)."""

@@ -49,6 +49,8 @@ class PageTableStore:
         self.engine = host.engine
         self.mem = host.memory
         self.name = name
+        #: the settle checker is on (engine.py)
+        self.checking = host.engine.check_settle
         self.by_pfn: dict[int, ShadowPage] = {}
         self._next_id = 0
         self.allocated = 0
@@ -98,26 +100,27 @@ class PageTableStore:
 
     # ---- settling ------------------------------------------------------------------------
 
-    def _settle(self, sp: ShadowPage, lo: int, hi: int, read: bool) -> None:
-        """Settle the bulks depending on entries [lo, hi) of ``sp`` (see module doc)."""
-        eng = self.engine
-        if sp.bulks:
-            eng.settle(sp, lo, hi, read=read)
-        if eng.check_settle:
-            eng.assert_settled(sp, lo, hi, read)
+    # Every entry operation first settles what it touches (``engine.settle``), then, under
+    # the settle checker, asserts that nothing it touches is still pending (``_check``):
+    # the two are separate statements so that a settle missing from an operation raises.
+
+    def _check(self, sp: ShadowPage, lo: int | None, hi: int | None, read: bool) -> None:
+        self.engine.assert_settled(sp, lo, hi, read)
 
     def claim(self, sp: ShadowPage, lo: int, hi: int) -> None:
         """Settle every bulk that depends on entries [lo, hi) of ``sp`` before a bulk that
         may write them is declared on them (it will write them lazily, through the store)."""
-        self._settle(sp, lo, hi, False)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=False)
+        if self.checking:
+            self._check(sp, lo, hi, False)
 
     def settle_all(self, sp: ShadowPage) -> None:
         """Settle every bulk that depends on ``sp`` (before it is unlinked and torn down)."""
-        eng = self.engine
         if sp.bulks:
-            eng.settle(sp)
-        if eng.check_settle:
-            eng.assert_settled(sp, None, None, False)
+            self.engine.settle(sp)
+        if self.checking:
+            self._check(sp, None, None, False)
 
     # ---- the interface a layout implements -----------------------------------------------
 
@@ -142,69 +145,89 @@ class DenseStore(PageTableStore):
 
     def read(self, sp: ShadowPage, i: int) -> int:
         """The SPTE at ``sp[i]`` (a plain load: READ_ONCE)."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, i, i + 1, True)
+        if sp.bulks:
+            self.engine.settle(sp, i, i + 1, read=True)
+        if self.checking:
+            self._check(sp, i, i + 1, True)
         return int(sp._spt[i])
 
     def read_for_update(self, sp: ShadowPage, i: int) -> int:
-        """The SPTE at ``sp[i]`` read by a walker that may update it in place (the
-        hardware walker's A/D assist): settles as a writer."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, i, i + 1, False)
+        """The SPTE at ``sp[i]`` read by an update of it (a cmpxchg or an xchg): settles
+        as a writer."""
+        if sp.bulks:
+            self.engine.settle(sp, i, i + 1, read=False)
+        if self.checking:
+            self._check(sp, i, i + 1, False)
         return int(sp._spt[i])
 
     def gen(self, sp: ShadowPage, i: int) -> int:
         """Generation of the host page the leaf at ``sp[i]`` mapped when installed."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, i, i + 1, True)
+        if sp.bulks:
+            self.engine.settle(sp, i, i + 1, read=True)
+        if self.checking:
+            self._check(sp, i, i + 1, True)
         return int(sp._gens[i])
 
     def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
         """Store ``spte`` at ``sp[i]`` (and its generation, unless None: kept)."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, i, i + 1, False)
+        if sp.bulks:
+            self.engine.settle(sp, i, i + 1, read=False)
+        if self.checking:
+            self._check(sp, i, i + 1, False)
         sp._spt[i] = spte
         if gen is not None:
             sp._gens[i] = gen
 
     def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
         """A copy of the SPTEs of ``sp[lo:hi]``."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, True)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=True)
+        if self.checking:
+            self._check(sp, lo, hi, True)
         return sp._spt[lo:hi].copy()
 
     def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The SPTEs at indices ``idx`` (all within [lo, hi)) of ``sp``."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, True)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=True)
+        if self.checking:
+            self._check(sp, lo, hi, True)
         return sp._spt[idx]
 
     def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
         """A copy of the generations at ``idx`` (a slice or an index array, all within
         [lo, hi)) of ``sp``."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, True)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=True)
+        if self.checking:
+            self._check(sp, lo, hi, True)
         return sp._gens[idx].copy()
 
     def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
                    gens: np.ndarray | int) -> None:
         """Store ``sptes`` (and ``gens``) at ``idx`` (a slice or an index array), all within
         [lo, hi) of ``sp``."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, False)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=False)
+        if self.checking:
+            self._check(sp, lo, hi, False)
         sp._spt[idx] = sptes
         sp._gens[idx] = gens
 
     def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
         """OR ``bits`` into the SPTEs at ``idx`` (within [lo, hi)): A/D assists in bulk."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, False)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=False)
+        if self.checking:
+            self._check(sp, lo, hi, False)
         sp._spt[idx] |= U64(bits)
 
     def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
         """AND out ``bits`` of the SPTEs at ``idx`` (within [lo, hi))."""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, False)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=False)
+        if self.checking:
+            self._check(sp, lo, hi, False)
         sp._spt[idx] &= ~U64(bits)
 
     def count_present(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> int:
@@ -214,13 +237,19 @@ class DenseStore(PageTableStore):
 
     def any_removed(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> bool:
         """Is any of ``sp[lo:hi]`` frozen (REMOVED)?"""
-        if sp.bulks or self.engine.check_settle:
-            self._settle(sp, lo, hi, True)
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=True)
+        if self.checking:
+            self._check(sp, lo, hi, True)
         return bool((sp._spt[lo:hi] == _REMOVED).any())
 
     def freeze_all(self, sp: ShadowPage) -> tuple[np.ndarray, np.ndarray]:
         """xchg every entry of ``sp`` with REMOVED; returns the old SPTEs and generations
-        (handle_removed_pt's loop, done at once).  The caller has settled the table."""
+        (handle_removed_pt's loop, done at once)."""
+        if sp.bulks:
+            self.engine.settle(sp, 0, S.SPTE_ENTRIES, read=False)
+        if self.checking:
+            self._check(sp, 0, S.SPTE_ENTRIES, False)
         old = sp._spt.copy()
         gens = sp._gens.copy()
         sp._spt[:] = _REMOVED

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Generator
 from ..kvm.vm import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm
 from . import spte as S
 from . import tdp_ops
-from .policy import Policy, check_supported
+from .policy import Policy
 from .tdp_fault import kvm_tdp_mmu_map
 from .tdp_mmu import TdpMmu
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 class X86Mmu:
     def __init__(self, kvm: Kvm, policy: Policy):
-        check_supported(policy)
         self.kvm = kvm
         self.policy = policy
         self.tdp = TdpMmu(kvm, policy)

@@ -162,6 +162,8 @@ def build(cfg: DemoConfig, strategy: Strategy | None = None, trace: Trace | None
             yield from lock.write_lock(th)
             if table.bulks:
                 host.engine.settle(table)
+            if host.engine.check_settle:
+                host.engine.assert_settled(table, None, None, True)
             total = int(table.data.sum())
             out["observed"].append((th.name, host.engine.now, total))
             table.data[idx] += 1000

@@ -38,7 +38,7 @@ from ..costs import CostModel
 from ..kvm.memslot import KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS
 from ..kvm.vcpu import TouchGuest
 from ..mmu.policy import Policy, label, preset
-from ..report import rss
+from .. import measure
 from .vm import GPA_4G_GFN, VmHarness
 
 GIB_PAGES = 1 << 18                 # 4 KiB pages per GiB
@@ -194,7 +194,7 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
     ``on_slice(progress, now_ns)`` (optional) is called between slices of ``slice_ns``
     simulated ns; slicing does not change the run (the engine resumes where it stopped)."""
     lay = layout(cfg)
-    rss.reset_peak()
+    measure.reset_peak()
     wall0 = time.perf_counter()
     pol = preset(policy) if isinstance(policy, str) else policy
     nvcpus = cfg.nr_vcpus
@@ -294,6 +294,6 @@ def _result(cfg, lay, pol, h, stamps, wall) -> dict:
         "verdict": h.checker.verdict(),
         "work": {"leaves_installed": tdp.leaves_installed,
                  "leaves_zapped": tdp.leaves_zapped, "events": h.host.engine.events},
-        "wall": {"seconds": round(wall, 3), "peak_rss_mib": round(rss.peak_mib(), 1),
+        "wall": {"seconds": round(wall, 3), "peak_rss_mib": round(measure.peak_mib(), 1),
                  "spte_ops_per_s": round(ops / wall) if wall else 0},
     }
