@@ -29,6 +29,7 @@ from typing import Callable, Generator, Iterable
 
 import numpy as np
 
+from .steps import Costs, Run, Steps
 from .strategy import FifoStrategy, Strategy
 from .trace import Trace
 
@@ -83,9 +84,11 @@ class Task:
 class Bulk:
     """A run of ``n`` loop iterations yielded as one step.
 
-    ``costs`` are the iterations' durations in ns (each >= 1); iteration i starts at
-    ``t0 + sum(costs[:i])``.  ``apply(k)`` performs the first k iterations' effects.  The task
-    is resumed with the number of iterations done, at the start of the first not done.
+    ``steps`` (``sim.steps``) gives the iterations' durations in ns (each >= 1); iteration i
+    starts at ``t0 + steps.start_of(i)``.  ``costs`` is a ``Steps``, an ``(n, cost)`` pair
+    or an array of costs; or ``cum=`` passes their running sum instead.  ``apply(k)``
+    performs the first k iterations' effects.  The task is resumed with the number of
+    iterations done, at the start of the first not done.
 
     ``resources`` are Resources, or ``(resource, lo, hi)`` when the loop depends only on the
     keys [lo, hi) of it (table entries, pages): ``settle(resource, lo, hi)`` then leaves the
@@ -94,18 +97,19 @@ class Bulk:
     ``settle(resource, lo, hi, read=True)``, leaves it alone unless it reads keys the loop
     changes.  Without a write range the loop may change any key it depends on."""
 
-    __slots__ = ("cum", "apply", "resources", "ranges", "wranges", "task", "t0", "n")
+    __slots__ = ("steps", "apply", "resources", "ranges", "wranges", "task", "t0", "n")
 
     def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource],
                  cum: np.ndarray | None = None):
-        if cum is not None:           # the caller's running sum of ``costs`` (int64)
-            self.cum = cum
-        elif isinstance(costs, tuple):  # (n, uniform cost)
-            n, c = costs
-            self.cum = np.arange(1, n + 1, dtype=np.int64) * c
+        if cum is not None:
+            self.steps = Costs.from_cum(cum)
+        elif isinstance(costs, Steps):
+            self.steps = costs
+        elif isinstance(costs, tuple):
+            self.steps = Run(*costs)
         else:
-            self.cum = np.cumsum(np.asarray(costs, dtype=np.int64))
-        self.n = len(self.cum)
+            self.steps = Costs(costs)
+        self.n = self.steps.n
         if self.n == 0:
             raise ValueError("empty bulk")
         self.apply = apply
@@ -127,7 +131,7 @@ class Bulk:
 
     def start_of(self, k: int) -> int:
         """Absolute start time of iteration k (k may be n: the end of the run)."""
-        return self.t0 + (int(self.cum[k - 1]) if k else 0)
+        return self.t0 + self.steps.start_of(k)
 
 
 _BULK_END = object()   # value of a bulk's end event
@@ -358,7 +362,7 @@ class Engine:
         task.bulk = bulk
         for r in bulk.resources:
             r.bulks.append(bulk)
-        self.schedule(task, self.now + int(bulk.cum[-1]), _BULK_END)
+        self.schedule(task, self.now + bulk.steps.total, _BULK_END)
         if self.trace is not None:
             self.trace.emit(self.now, "bulk", task.name, n=bulk.n)
 
@@ -406,10 +410,11 @@ class Engine:
             return
         now = self.now
         d = now - bulk.t0
-        cum = bulk.cum
-        # Iteration 0 ran when the bulk was issued; iteration i >= 1 starts at t0 + cum[i-1].
-        k = 1 + int(np.searchsorted(cum[:-1], d, side="left"))
-        if k < bulk.n and int(cum[k - 1]) == d:
+        steps = bulk.steps
+        # Iteration 0 ran when the bulk was issued; the others ran if they started before now.
+        k = steps.started_before(d) or 1
+        start = steps.start_of(k)
+        if k < bulk.n and start == d:
             # iteration k is due at this very instant: exact mode orders it by rank
             s = self.strategy
             cur = self.current
@@ -419,6 +424,7 @@ class Engine:
                 first = s.rank(task.id, now) < s.rank(cur.id, now)
             if first:
                 k += 1
+                start = steps.start_of(k)
         t_end, entry = task._entry
         b = self._buckets[t_end]
         b.remove(entry)
@@ -426,4 +432,4 @@ class Engine:
         bulk.apply(k)
         if self.trace is not None:
             self.trace.emit(now, "bulk_settle", task.name, done=k, of=bulk.n)
-        self.schedule(task, bulk.start_of(k), k)
+        self.schedule(task, bulk.t0 + start, k)

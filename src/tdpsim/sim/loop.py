@@ -23,6 +23,7 @@ from typing import Callable, Generator, Sequence
 import numpy as np
 
 from .engine import Bulk, Engine, Resource
+from .steps import Costs, Run
 
 NEVER = 1 << 62
 
@@ -46,24 +47,20 @@ def run_loop(engine: Engine, n: int, costs: int | Sequence[int] | np.ndarray,
             yield costs if uniform else int(costs[i])
             i += 1
         return i
+    plan = Run(n, costs) if uniform else Costs(costs)
     while i < n:
         if stop is not None and stop():
             return i
         room = (deadline() if deadline is not None else NEVER) - engine.now
         # iterations whose start is before the deadline (the first starts now, room > 0)
-        if uniform:
-            m = min(n - i, -(-room // costs))
-        else:
-            rest = costs[i:]
-            cum = np.cumsum(rest)
-            m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
+        m = plan.started_before(plan.start_of(i) + room) - i
         if m <= 1:
             apply(i, i + 1)
             yield costs if uniform else int(costs[i])
             i += 1
             continue
         start = i
-        k = yield Bulk((m, costs) if uniform else costs[i:i + m],
+        k = yield Bulk(Run(m, costs) if uniform else costs[i:i + m],
                        lambda k, s=start: apply(s, s + k), resources)
         i += k
     return i
