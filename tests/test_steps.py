@@ -191,10 +191,10 @@ def test_huge_runs_in_a_sequence():
 # ---- in the engine ------------------------------------------------------------------------
 
 
-def test_bulk_accepts_pairs_arrays_running_sums_and_structures():
+def test_bulk_accepts_pairs_arrays_and_structures():
     cs = [3, 3, 3, 3]
-    for costs, kw in (((4, 3), {}), (cs, {}), (None, {"cum": np.cumsum(cs)}), (Run(4, 3), {})):
-        b = Bulk(costs, lambda k: None, [], **kw)
+    for costs in ((4, 3), cs, Steps.from_cum(np.cumsum(cs)), Run(4, 3)):
+        b = Bulk(costs, lambda k: None, [])
         assert b.n == 4 and [b.start_of(k) for k in range(5)] == [0, 3, 6, 9, 12]
     s = Repeat(Run(2, 1), 3)
     assert Bulk(s, lambda k: None, []).steps is s

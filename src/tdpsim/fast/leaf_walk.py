@@ -20,6 +20,7 @@ import numpy as np
 
 from ..mmu import spte as S
 from ..sim.engine import Bulk
+from ..sim.steps import Costs
 
 if TYPE_CHECKING:
     from ..mmu.tdp_iter import TdpIter
@@ -85,8 +86,8 @@ def leaf_table_bulk(tdp: "TdpMmu", th, it: "TdpIter", end: int,
         else:
             pt.clear_bits(sp, t, i0, i0 + k, bit)
 
-    k = yield Bulk(None, apply, [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)],
-                   cum=cum[:m])
+    k = yield Bulk(Costs.from_cum(cum[:m]), apply,
+                   [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)])
     # leave the iterator on the last entry done, as k - 1 side steps would have
     it.step_side_to(i0 + k - 1)
     assert it.gfn == gfn0 + k - 1

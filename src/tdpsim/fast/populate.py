@@ -36,6 +36,7 @@ from ..kvm.vcpu import TouchGuest
 from ..mmu import spte as S
 from ..mmu.page import ROLE_CR0_WP, make_role
 from ..sim.engine import Bulk
+from ..sim.steps import Costs
 
 if TYPE_CHECKING:
     from ..kvm.vm import Kvm
@@ -284,7 +285,7 @@ class Populate:
             if sp is not None and lo_j < hi_j:
                 resources.append((sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1))
         plan.cum = cum
-        bulk = Bulk(None, plan.apply, resources, cum=cum[:m])
+        bulk = Bulk(Costs.from_cum(cum[:m]), plan.apply, resources)
         return bulk, n == n_req and m == total
 
 

@@ -27,8 +27,6 @@ from heapq import heappop, heappush
 from itertools import count
 from typing import Callable, Generator, Iterable
 
-import numpy as np
-
 from .steps import Costs, Run, Steps
 from .strategy import FifoStrategy, Strategy
 from .trace import Trace
@@ -86,7 +84,7 @@ class Bulk:
 
     ``steps`` (``sim.steps``) gives the iterations' durations in ns (each >= 1); iteration i
     starts at ``t0 + steps.start_of(i)``.  ``costs`` is a ``Steps``, an ``(n, cost)`` pair
-    or an array of costs; or ``cum=`` passes their running sum instead.  ``apply(k)``
+    or an array of costs.  ``apply(k)``
     performs the first k iterations' effects.  The task is resumed with the number of
     iterations done, at the start of the first not done.
 
@@ -99,11 +97,8 @@ class Bulk:
 
     __slots__ = ("steps", "apply", "resources", "ranges", "wranges", "task", "t0", "n")
 
-    def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource],
-                 cum: np.ndarray | None = None):
-        if cum is not None:
-            self.steps = Costs.from_cum(cum)
-        elif isinstance(costs, Steps):
+    def __init__(self, costs, apply: Callable[[int], None], resources: Iterable[Resource]):
+        if isinstance(costs, Steps):
             self.steps = costs
         elif isinstance(costs, tuple):
             self.steps = Run(*costs)
