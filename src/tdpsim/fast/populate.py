@@ -390,7 +390,7 @@ class _Plan:
         """The first ``npages`` accesses completed: TLB fills (LRU: only the newest
         ``capacity`` stay) and the observations."""
         # access time of page j: start of its last step
-        last_step = (self.first_step + self.steps - 1)[:npages]
+        last_step = self.first_step[:npages] + self.steps[:npages] - 1
         times = self.t0 + np.where(last_step > 0, self.cum[np.maximum(last_step - 1, 0)], 0)
         ii = self.idx[:npages]
         pfns, gens = self.vma.pte[ii], self.vma.pte_gen[ii]

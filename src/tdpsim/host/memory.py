@@ -191,12 +191,15 @@ class PageAllocator(Resource):
         return bool(self.state[pfn] == ALLOCATED and self.gen[pfn] == gen)
 
     def live_mask(self, pfns: np.ndarray, gens: np.ndarray) -> np.ndarray:
-        """``is_live`` for many references at once (garbage PFNs are not live)."""
+        """``is_live`` for many references at once (PFNs >= 0; garbage ones are not live)."""
         pfns = np.asarray(pfns, dtype=np.int64)
-        ok = (pfns > 0) & (pfns < len(self.state))
-        live = np.zeros(len(pfns), dtype=bool)
-        live[ok] = (self.state[pfns[ok]] == ALLOCATED) & (self.gen[pfns[ok]] == gens[ok])
-        return live
+        try:        # PFN 0 is never allocated; a PFN past the end raises
+            return (self.state[pfns] == ALLOCATED) & (self.gen[pfns] == gens)
+        except IndexError:
+            ok = (pfns > 0) & (pfns < len(self.state))
+            live = np.zeros(len(pfns), dtype=bool)
+            live[ok] = (self.state[pfns[ok]] == ALLOCATED) & (self.gen[pfns[ok]] == gens[ok])
+            return live
 
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
         """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""

@@ -235,22 +235,19 @@ class DenseStore(PageTableStore):
         ents = self.entries(sp, lo, hi)
         return int((S.present_mask(ents) & (ents != _REMOVED)).sum())
 
-    def any_removed(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> bool:
-        """Is any of ``sp[lo:hi]`` frozen (REMOVED)?"""
-        if sp.bulks:
-            self.engine.settle(sp, lo, hi, read=True)
-        if self.checking:
-            self._check(sp, lo, hi, True)
-        return bool((sp._spt[lo:hi] == _REMOVED).any())
-
-    def freeze_all(self, sp: ShadowPage) -> tuple[np.ndarray, np.ndarray]:
-        """xchg every entry of ``sp`` with REMOVED; returns the old SPTEs and generations
-        (handle_removed_pt's loop, done at once)."""
+    def freeze_all(self, sp: ShadowPage, unless_frozen: bool
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """xchg every entry of ``sp`` with REMOVED (handle_removed_pt's loop, done at once);
+        returns the old SPTEs and the generations (the latter valid until the entries are
+        written again).  ``unless_frozen``: if an entry is already REMOVED (another thread
+        froze it and owns it), change nothing and return None: the caller waits."""
         if sp.bulks:
             self.engine.settle(sp, 0, S.SPTE_ENTRIES, read=False)
         if self.checking:
             self._check(sp, 0, S.SPTE_ENTRIES, False)
-        old = sp._spt.copy()
-        gens = sp._gens.copy()
-        sp._spt[:] = _REMOVED
-        return old, gens
+        spt = sp._spt
+        if unless_frozen and (spt == _REMOVED).any():
+            return None
+        old = spt.copy()
+        spt[:] = _REMOVED
+        return old, sp._gens

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ..kvm.vm import Kvm
 
 U64 = np.uint64
+_PAGE_STATS = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}
 
 
 class TdpMmu:
@@ -386,7 +387,8 @@ class TdpMmu:
                 mem.write_back(pfn, gen, th, "accessed")
 
     def _update_page_stats(self, level: int, delta: int) -> None:
-        key = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}.get(level)
+        """kvm_update_page_stats: leaves mapped per level, and the model's work counters."""
+        key = _PAGE_STATS.get(level)
         if key:
             self.kvm.stat[key] += delta
             if delta > 0:
@@ -466,12 +468,11 @@ class TdpMmu:
         sp.unlink_t = self.engine.now
         if kvm.observers:
             kvm.observe("sp_unlinked", sp=sp, t=self.engine.now, task=th.name)
-        if shared:
-            # xchg(entry, REMOVED) until the old value is not REMOVED: another thread that
-            # froze an entry owns it until it writes the final value
-            while pt.any_removed(sp):
-                yield 20        # poll the frozen entry (cpu_relax loop)
-        old, gens = pt.freeze_all(sp)
+        # shared: xchg(entry, REMOVED) until the old value is not REMOVED: another thread
+        # that froze an entry owns it until it writes the final value
+        while (frozen := pt.freeze_all(sp, unless_frozen=shared)) is None:
+            yield 20            # poll the frozen entry (cpu_relax loop)
+        old, gens = frozen
         present = S.present_mask(old)
         level = sp.level
         # at level 1 every present entry is a leaf
