@@ -137,12 +137,12 @@ class Checker:
                 self._find("stale_translation", v.name, what=f"{what}: TLB not flushed",
                            gfns=(g0, g1), tlb_entries=len(stale))
 
-    def _on_guest_accesses(self, vcpu, gfns, pfns, gens, fill_t, times, tlb: bool,
-                           **_) -> None:
+    def _on_guest_accesses(self, vcpu, acc, **_) -> None:
         """Guest accesses in order (one from the run loop, many from a bulk of it): each
         must use a live host page and, through the TLB, a translation filled after every
         completed invalidation of its gfn."""
         mem = self.host.memory
+        gfns, pfns, gens, tlb = acc.gfns, acc.pfns, acc.gens, acc.via_tlb
         if len(gfns) == 1:
             live = [mem.is_live(int(pfns[0]), int(gens[0]))]
             check = (0,)
@@ -157,10 +157,11 @@ class Checker:
                            via_tlb=tlb)
                 continue
             if tlb:
+                fill_t = int(acc.fill_t[j])
                 for done_t, g0, g1 in self.invalidated:
-                    if fill_t[j] < done_t and g0 <= gfn < g1:
+                    if fill_t < done_t and g0 <= gfn < g1:
                         self._find("stale_translation", vcpu.name, gfn=gfn,
-                                   filled=int(fill_t[j]), invalidated=done_t,
+                                   filled=fill_t, invalidated=done_t,
                                    what="guest access through a TLB entry")
                         break
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 
 from ..host.mm import PAGE
-from ..kvm.vcpu import TouchGuest
+from ..kvm.vcpu import Accesses, TouchGuest
 from ..mmu import spte as S
 from ..mmu.page import ROLE_CR0_WP, make_role
 from ..sim.engine import Bulk
@@ -151,7 +151,7 @@ class Populate:
             gens = np.full(k, gen, dtype=np.uint32)
             tlb.count_misses(k)
             tlb.fill_many(gfns[:k], pfns[:k], gens, times, writable, write, level, executable)
-            vcpu.observe_accesses(gfns[:k], pfns[:k], gens, times, times, False, write)
+            vcpu.observe_accesses(Accesses(gfns[:k], pfns[:k], gens, times, False, write))
             guest.advance(k)
             vcpu.enter_guest()
 
@@ -389,14 +389,22 @@ class _Plan:
     def _accessed(self, vcpu, npages: int) -> None:
         """The first ``npages`` accesses completed: TLB fills (LRU: only the newest
         ``capacity`` stay) and the observations."""
-        # access time of page j: start of its last step
-        last_step = self.first_step[:npages] + self.steps[:npages] - 1
-        times = self.t0 + np.where(last_step > 0, self.cum[np.maximum(last_step - 1, 0)], 0)
         ii = self.idx[:npages]
-        pfns, gens = self.vma.pte[ii], self.vma.pte_gen[ii]
+        if self.guest.stride == 1:          # consecutive pages: the PTEs are one slice
+            i0 = int(ii[0])
+            pfns = self.vma.pte[i0:i0 + npages]
+            gens = self.vma.pte_gen[i0:i0 + npages]
+        else:
+            pfns, gens = self.vma.pte[ii], self.vma.pte_gen[ii]
         tlb = vcpu.tlb
         cap = tlb.capacity
-        keep = slice(None) if cap is None else slice(max(0, npages - cap), None)
-        tlb.fill_many(self.gfns[:npages][keep], pfns[keep], gens[keep], times[keep],
+        lo = 0 if cap is None else max(0, npages - cap)
+        tlb.fill_many(self.gfns[lo:npages], pfns[lo:], gens[lo:], self._times(lo, npages),
                       not self.slot.readonly, self.write)
-        vcpu.observe_accesses(self.gfns[:npages], pfns, gens, times, times, False, self.write)
+        vcpu.observe_accesses(Accesses(self.gfns[:npages], pfns, gens,
+                                       lambda: self._times(0, npages), False, self.write))
+
+    def _times(self, lo: int, hi: int) -> np.ndarray:
+        """When the accesses of pages [lo, hi) happened: the start of each page's last step."""
+        last_step = self.first_step[lo:hi] + self.steps[lo:hi] - 1
+        return self.t0 + np.where(last_step > 0, self.cum[np.maximum(last_step - 1, 0)], 0)

@@ -92,6 +92,31 @@ class TouchGuest(Guest):
         return self.start + self.pos * self.stride, self.write, False
 
 
+class Accesses:
+    """Guest accesses that completed, in order: the gfns, the translation each used (pfn
+    and host page generation), whether through a TLB entry (``via_tlb``) or a walk, and
+    when each happened (``times``) and its translation was filled (``fill_t``: the access
+    time for a walk).  ``times`` may be given as a function, called once on first use: a
+    bulk's access times cost a pass over its pages that only some observers need."""
+
+    __slots__ = ("gfns", "pfns", "gens", "via_tlb", "write", "_times", "_fill_t")
+
+    def __init__(self, gfns, pfns, gens, times, via_tlb: bool, write: bool, fill_t=None):
+        self.gfns, self.pfns, self.gens = gfns, pfns, gens
+        self.via_tlb, self.write = via_tlb, write
+        self._times, self._fill_t = times, fill_t
+
+    @property
+    def times(self):
+        if callable(self._times):
+            self._times = self._times()
+        return self._times
+
+    @property
+    def fill_t(self):
+        return self.times if self._fill_t is None else self._fill_t
+
+
 class Vcpu(Resource):
     __slots__ = ("kvm", "id", "name", "thread", "mode", "requests", "root", "tlb",
                  "exit_waiters", "stat", "fault", "cr0_wp")
@@ -124,16 +149,12 @@ class Vcpu(Resource):
         for k, d in deltas.items():
             st[k] += d
 
-    def observe_accesses(self, gfns, pfns, gens, fill_t, times, via_tlb: bool,
-                         write: bool) -> None:
+    def observe_accesses(self, acc: "Accesses") -> None:
         """Tell the check layer about guest accesses that completed (the run loop: one;
-        a fast-mode bulk: many, in order): each through a TLB entry or a walk, the
-        translation used (pfn, host page generation), when it was filled, and when the
-        access happened."""
+        a fast-mode bulk: many, in order)."""
         kvm = self.kvm
         if kvm.observers:
-            kvm.observe("guest_accesses", vcpu=self, gfns=gfns, pfns=pfns, gens=gens,
-                        fill_t=fill_t, times=times, tlb=via_tlb, write=write)
+            kvm.observe("guest_accesses", vcpu=self, acc=acc)
 
     # ---- guest mode ---------------------------------------------------------------------
 
@@ -238,8 +259,8 @@ class Vcpu(Resource):
             tlb.hits += 1
             if kvm.observers:
                 now = kvm.engine.now
-                self.observe_accesses((gfn,), (e.pfn,), (e.gen,), (e.fill_t,), (now,), True,
-                                      write)
+                self.observe_accesses(Accesses((gfn,), (e.pfn,), (e.gen,), (now,), True,
+                                               write, fill_t=(e.fill_t,)))
             return True
         tlb.count_misses(1)
         if self.root is None:
@@ -258,7 +279,7 @@ class Vcpu(Resource):
         now = kvm.engine.now
         tlb.fill(gfn, TlbEntry(r.pfn, r.gen, r.writable, write, now, r.level, r.executable))
         if kvm.observers:
-            self.observe_accesses((gfn,), (r.pfn,), (r.gen,), (now,), (now,), False, write)
+            self.observe_accesses(Accesses((gfn,), (r.pfn,), (r.gen,), (now,), False, write))
         return True
 
     def fault_phase1(self, gfn: int, write: bool, exe: bool = False) -> None:
