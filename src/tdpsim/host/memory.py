@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 POISON = 0x6B6B6B6B6B6B6B6B   # slab's POISON_FREE byte, repeated
 FREE, ALLOCATED = 0, 1
+#: ``live_gen`` of a page that is not allocated: no reference carries it (generations
+#: count allocations from 1 and never get near 2^32 - 1)
+NOT_LIVE = np.uint32(0xFFFFFFFF)
 
 
 class PageAllocator(Resource):
@@ -38,6 +41,9 @@ class PageAllocator(Resource):
         cap = 1 << 16
         self.state = np.zeros(cap, dtype=np.uint8)
         self.gen = np.zeros(cap, dtype=np.uint32)
+        #: gen where the page is allocated, NOT_LIVE elsewhere: a reference (pfn, gen) is
+        #: live iff live_gen[pfn] == gen (one lookup for the many checks of fast paths)
+        self.live_gen = np.full(cap, NOT_LIVE, dtype=np.uint32)
         self.refs = np.zeros(cap, dtype=np.uint32)   # mappings of a shared page (KSM, anon)
         self.owner: list[str | None] = [None] * cap
         self.contents: dict[int, np.ndarray] = {}
@@ -55,6 +61,8 @@ class PageAllocator(Resource):
         new = max(cap * 2, need + 1)
         self.state = np.concatenate([self.state, np.zeros(new - cap, dtype=np.uint8)])
         self.gen = np.concatenate([self.gen, np.zeros(new - cap, dtype=np.uint32)])
+        self.live_gen = np.concatenate([self.live_gen,
+                                        np.full(new - cap, NOT_LIVE, dtype=np.uint32)])
         self.refs = np.concatenate([self.refs, np.zeros(new - cap, dtype=np.uint32)])
         self.owner.extend([None] * (new - cap))
 
@@ -70,6 +78,7 @@ class PageAllocator(Resource):
             self._grow(pfn)
         self.state[pfn] = ALLOCATED
         self.gen[pfn] += 1
+        self.live_gen[pfn] = self.gen[pfn]
         self.refs[pfn] = 1
         self.owner[pfn] = owner
         if content is not None:
@@ -90,6 +99,7 @@ class PageAllocator(Resource):
             self.host.report("double_free", who, pfn=pfn, owner=self.owner[pfn])
             return
         self.state[pfn] = FREE
+        self.live_gen[pfn] = NOT_LIVE
         buf = self.contents.pop(pfn, None)
         if buf is not None:
             buf.fill(POISON)
@@ -127,6 +137,7 @@ class PageAllocator(Resource):
         """Bookkeeping shared by the bulk allocators."""
         self.state[out] = ALLOCATED
         self.gen[out] += 1
+        self.live_gen[out] = self.gen[out]
         self.refs[out] = 1
         for p in out.tolist():
             self.owner[p] = owner
@@ -150,6 +161,7 @@ class PageAllocator(Resource):
                 self.host.report("double_free", who, pfn=p, owner=self.owner[p])
         good = uniq[live][np.argsort(first[live], kind="stable")]  # keep the caller's order
         self.state[good] = FREE
+        self.live_gen[good] = NOT_LIVE
         for p in good.tolist():
             buf = self.contents.pop(p, None)
             if buf is not None:
@@ -188,17 +200,17 @@ class PageAllocator(Resource):
     def is_live(self, pfn: int, gen: int) -> bool:
         if not 0 < pfn < len(self.state):
             return False            # a garbage PFN (e.g. read from a poisoned table)
-        return bool(self.state[pfn] == ALLOCATED and self.gen[pfn] == gen)
+        return bool(self.live_gen[pfn] == gen)
 
     def live_mask(self, pfns: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """``is_live`` for many references at once (PFNs >= 0; garbage ones are not live)."""
         pfns = np.asarray(pfns, dtype=np.int64)
         try:        # PFN 0 is never allocated; a PFN past the end raises
-            return (self.state[pfns] == ALLOCATED) & (self.gen[pfns] == gens)
+            return self.live_gen[pfns] == gens
         except IndexError:
-            ok = (pfns > 0) & (pfns < len(self.state))
+            ok = pfns < len(self.state)
             live = np.zeros(len(pfns), dtype=bool)
-            live[ok] = (self.state[pfns[ok]] == ALLOCATED) & (self.gen[pfns[ok]] == gens[ok])
+            live[ok] = self.live_gen[pfns[ok]] == np.broadcast_to(gens, pfns.shape)[ok]
             return live
 
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
