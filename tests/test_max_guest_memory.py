@@ -110,12 +110,14 @@ def test_both_kernels_do_the_same_work(both):
         assert pt["allocated"] == pt["freed"] > 0
 
 
-@pytest.mark.parametrize("hugetlb", [False, True])
-def test_fast_granularity_gives_the_exact_run(hugetlb, settle_checker):
+@pytest.mark.parametrize("hugetlb,maxphyaddr", [(False, 46), (True, 46), (False, 52)])
+def test_fast_granularity_gives_the_exact_run(hugetlb, maxphyaddr, settle_checker):
     """The whole selftest, every step an event vs bulks: the same figures (with -H the
-    bulks are the accesses through 2 MiB leaves)."""
+    bulks are the accesses through 2 MiB leaves; at MAXPHYADDR 52 the root has 5 levels
+    and the slots sit just below 4 PiB)."""
     for k in ("5.18", "5.17"):
-        cfg = dict(max_mem_gib=1, slot_gib=1, vcpus=2, host_cpus=3, hugetlb=hugetlb)
+        cfg = dict(max_mem_gib=1, slot_gib=1, vcpus=2, host_cpus=3, hugetlb=hugetlb,
+                   maxphyaddr=maxphyaddr)
         ex = run(MgmConfig(granularity="exact", **cfg), k)
         fa = run(MgmConfig(granularity="fast", **cfg), k)
         for key in ("selftest", "symptoms", "findings", "sim_end_ns", "verdict"):

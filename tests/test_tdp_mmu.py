@@ -7,6 +7,7 @@ the oracles found nothing.
 """
 
 import numpy as np
+import pytest
 
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
@@ -1002,3 +1003,23 @@ def test_split_sptes_matches_make_huge_page_split_spte():
         vec = split_sptes(huge, level)
         assert [int(x) for x in vec] == [S.make_huge_page_split_spte(huge, level, i)
                                          for i in range(512)]
+
+
+@pytest.mark.parametrize("maxphyaddr,levels", [(46, 4), (48, 4), (49, 5), (52, 5)])
+def test_kvm_mmu_get_tdp_level_five_levels_above_48_bits(maxphyaddr, levels):
+    """kvm_mmu_get_tdp_level: a 5-level root only when MAXPHYADDR needs it; faults then
+    build (and the walker finds) a 4 KiB leaf ``levels`` tables down."""
+    h = VmHarness(nvcpus=1, pages=512, nslots=1, maxphyaddr=maxphyaddr)
+    h.spawn_vcpu(h.vcpus[0], touch, h.slot_gfn(1), 512)
+    h.run()
+    root = h.vcpus[0].root
+    assert root.level == h.tdp.root_level == levels
+    it = TdpIter(h.tdp.pt, root, S.PG_LEVEL_4K, h.slot_gfn(1) + 7)
+    path = []
+    while it.valid and it.level >= 1 and len(path) < 8:
+        path.append(it.level)
+        if it.level == 1:
+            break
+        it.next()
+    assert path == list(range(levels, 0, -1)) and S.is_shadow_present_pte(it.old_spte)
+    assert h.kvm.stat["pages_4k"] == 512 and h.findings == []
