@@ -29,7 +29,7 @@ from ..mmu import spte as S
 
 if TYPE_CHECKING:
     from ..mmu.page import ShadowPage
-    from ..mmu.store import DenseStore
+    from ..mmu.store import PageTableStore
 
 
 class TlbEntry:
@@ -174,7 +174,7 @@ class WalkResult:
         self.freed_table = freed_table   # (pfn, where) if the walk read a freed table
 
 
-def hw_walk(pt: "DenseStore", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool,
+def hw_walk(pt: "PageTableStore", root: "ShadowPage", tlb: Tlb, gfn: int, write: bool,
             exe: bool = False) -> WalkResult:
     """The CPU's EPT walk for ``gfn``, starting at the cached PDE if there is one.
 

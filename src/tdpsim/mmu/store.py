@@ -123,12 +123,73 @@ class PageTableStore:
             self._check(sp, None, None, False)
 
     # ---- the interface a layout implements -----------------------------------------------
+    # Entry indices are within [0, 512); ``idx`` arguments are a slice or an index array
+    # whose entries all lie within the [lo, hi) given beside it (what the operation settles).
 
     def _init_entries(self, sp: ShadowPage) -> None:
+        """Give a new table 512 empty entries (SPTE 0, generation 0)."""
         raise NotImplementedError
 
     def _poison(self, sp: ShadowPage) -> None:
+        """A freed table reads as POISON everywhere."""
         raise NotImplementedError
+
+    def read(self, sp: ShadowPage, i: int) -> int:
+        """The SPTE at ``sp[i]`` (a plain load: READ_ONCE)."""
+        raise NotImplementedError
+
+    def read_for_update(self, sp: ShadowPage, i: int) -> int:
+        """The SPTE at ``sp[i]`` read by an update of it (a cmpxchg or an xchg): settles
+        as a writer."""
+        raise NotImplementedError
+
+    def gen(self, sp: ShadowPage, i: int) -> int:
+        """Generation of the host page the leaf at ``sp[i]`` mapped when installed."""
+        raise NotImplementedError
+
+    def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
+        """Store ``spte`` at ``sp[i]`` (and its generation, unless None: kept)."""
+        raise NotImplementedError
+
+    def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
+        """A copy of the SPTEs of ``sp[lo:hi]``."""
+        raise NotImplementedError
+
+    def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """The SPTEs at indices ``idx`` (all within [lo, hi)) of ``sp``."""
+        raise NotImplementedError
+
+    def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
+        """A copy of the generations at ``idx`` (a slice or an index array, all within
+        [lo, hi)) of ``sp``."""
+        raise NotImplementedError
+
+    def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
+                   gens: np.ndarray | int) -> None:
+        """Store ``sptes`` (and ``gens``) at ``idx`` (a slice or an index array), all within
+        [lo, hi) of ``sp``."""
+        raise NotImplementedError
+
+    def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        """OR ``bits`` into the SPTEs at ``idx`` (within [lo, hi)): A/D assists in bulk."""
+        raise NotImplementedError
+
+    def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        """AND out ``bits`` of the SPTEs at ``idx`` (within [lo, hi))."""
+        raise NotImplementedError
+
+    def freeze_all(self, sp: ShadowPage, unless_frozen: bool
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """xchg every entry of ``sp`` with REMOVED (handle_removed_pt's loop, done at once);
+        returns the old SPTEs and the generations (the latter valid until the entries are
+        written again).  ``unless_frozen``: if an entry is already REMOVED (another thread
+        froze it and owns it), change nothing and return None: the caller waits."""
+        raise NotImplementedError
+
+    def count_present(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> int:
+        """Present entries (REMOVED excluded) among ``sp[lo:hi]``."""
+        ents = self.entries(sp, lo, hi)
+        return int((S.present_mask(ents) & (ents != _REMOVED)).sum())
 
 
 class DenseStore(PageTableStore):
@@ -144,7 +205,6 @@ class DenseStore(PageTableStore):
     # ---- entries -------------------------------------------------------------------------
 
     def read(self, sp: ShadowPage, i: int) -> int:
-        """The SPTE at ``sp[i]`` (a plain load: READ_ONCE)."""
         if sp.bulks:
             self.engine.settle(sp, i, i + 1, read=True)
         if self.checking:
@@ -152,8 +212,6 @@ class DenseStore(PageTableStore):
         return int(sp._spt[i])
 
     def read_for_update(self, sp: ShadowPage, i: int) -> int:
-        """The SPTE at ``sp[i]`` read by an update of it (a cmpxchg or an xchg): settles
-        as a writer."""
         if sp.bulks:
             self.engine.settle(sp, i, i + 1, read=False)
         if self.checking:
@@ -161,7 +219,6 @@ class DenseStore(PageTableStore):
         return int(sp._spt[i])
 
     def gen(self, sp: ShadowPage, i: int) -> int:
-        """Generation of the host page the leaf at ``sp[i]`` mapped when installed."""
         if sp.bulks:
             self.engine.settle(sp, i, i + 1, read=True)
         if self.checking:
@@ -169,7 +226,6 @@ class DenseStore(PageTableStore):
         return int(sp._gens[i])
 
     def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
-        """Store ``spte`` at ``sp[i]`` (and its generation, unless None: kept)."""
         if sp.bulks:
             self.engine.settle(sp, i, i + 1, read=False)
         if self.checking:
@@ -179,7 +235,6 @@ class DenseStore(PageTableStore):
             sp._gens[i] = gen
 
     def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
-        """A copy of the SPTEs of ``sp[lo:hi]``."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=True)
         if self.checking:
@@ -187,7 +242,6 @@ class DenseStore(PageTableStore):
         return sp._spt[lo:hi].copy()
 
     def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """The SPTEs at indices ``idx`` (all within [lo, hi)) of ``sp``."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=True)
         if self.checking:
@@ -195,8 +249,6 @@ class DenseStore(PageTableStore):
         return sp._spt[idx]
 
     def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
-        """A copy of the generations at ``idx`` (a slice or an index array, all within
-        [lo, hi)) of ``sp``."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=True)
         if self.checking:
@@ -205,8 +257,6 @@ class DenseStore(PageTableStore):
 
     def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
                    gens: np.ndarray | int) -> None:
-        """Store ``sptes`` (and ``gens``) at ``idx`` (a slice or an index array), all within
-        [lo, hi) of ``sp``."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=False)
         if self.checking:
@@ -215,7 +265,6 @@ class DenseStore(PageTableStore):
         sp._gens[idx] = gens
 
     def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
-        """OR ``bits`` into the SPTEs at ``idx`` (within [lo, hi)): A/D assists in bulk."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=False)
         if self.checking:
@@ -223,24 +272,14 @@ class DenseStore(PageTableStore):
         sp._spt[idx] |= U64(bits)
 
     def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
-        """AND out ``bits`` of the SPTEs at ``idx`` (within [lo, hi))."""
         if sp.bulks:
             self.engine.settle(sp, lo, hi, read=False)
         if self.checking:
             self._check(sp, lo, hi, False)
         sp._spt[idx] &= ~U64(bits)
 
-    def count_present(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> int:
-        """Present entries (REMOVED excluded) among ``sp[lo:hi]``."""
-        ents = self.entries(sp, lo, hi)
-        return int((S.present_mask(ents) & (ents != _REMOVED)).sum())
-
     def freeze_all(self, sp: ShadowPage, unless_frozen: bool
                    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """xchg every entry of ``sp`` with REMOVED (handle_removed_pt's loop, done at once);
-        returns the old SPTEs and the generations (the latter valid until the entries are
-        written again).  ``unless_frozen``: if an entry is already REMOVED (another thread
-        froze it and owns it), change nothing and return None: the caller waits."""
         if sp.bulks:
             self.engine.settle(sp, 0, S.SPTE_ENTRIES, read=False)
         if self.checking:

@@ -25,7 +25,7 @@ from .spte import (SPTE_ENTRIES, is_last_spte, is_shadow_present_pte, pages_per_
 
 if TYPE_CHECKING:
     from .page import ShadowPage
-    from .store import DenseStore
+    from .store import PageTableStore
 
 
 class TdpIter:
@@ -39,7 +39,7 @@ class TdpIter:
 
     _serials = count()
 
-    def __init__(self, pt: "DenseStore", root: "ShadowPage", min_level: int, start: int,
+    def __init__(self, pt: "PageTableStore", root: "ShadowPage", min_level: int, start: int,
                  report: bool = True):
         self.serial = next(TdpIter._serials)   # identifies one walk (for the progress oracle)
         self.pt = pt
@@ -157,7 +157,7 @@ class TdpIter:
 
 # ---- walks built on the iterator (look, never yield) -----------------------------------------
 
-def for_each_leaf(pt: "DenseStore", root: "ShadowPage", start: int, end: int,
+def for_each_leaf(pt: "PageTableStore", root: "ShadowPage", start: int, end: int,
                   min_level: int = 1, report: bool = True) -> Iterator[TdpIter]:
     """The iterator at each present leaf of ``root`` in [start, end) at or above
     ``min_level`` (for_each_tdp_pte_min_level, skipping non-leaf and non-present entries)."""
@@ -168,7 +168,7 @@ def for_each_leaf(pt: "DenseStore", root: "ShadowPage", start: int, end: int,
         it.next()
 
 
-def count_leaves(pt: "DenseStore", root: "ShadowPage", g0: int, g1: int) -> int:
+def count_leaves(pt: "PageTableStore", root: "ShadowPage", g0: int, g1: int) -> int:
     """Present leaves of ``root`` mapping a gfn in [g0, g1) (REMOVED excluded)."""
     n = 0
     it = TdpIter(pt, root, 1, g0, report=False)
@@ -184,7 +184,7 @@ def count_leaves(pt: "DenseStore", root: "ShadowPage", g0: int, g1: int) -> int:
     return n
 
 
-def count_present(pt: "DenseStore", root: "ShadowPage") -> int:
+def count_present(pt: "PageTableStore", root: "ShadowPage") -> int:
     """Present entries (leaves and tables, REMOVED excluded) anywhere under ``root``."""
     n = 0
     it = TdpIter(pt, root, 1, 0, report=False)
