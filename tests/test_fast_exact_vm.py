@@ -23,7 +23,8 @@ from tdpsim.workloads.vm import VmHarness
 pytestmark = pytest.mark.usefixtures("settle_checker")
 
 
-def scenario(granularity: str, seed: int, kernel: str = "5.18") -> tuple[dict, int]:
+def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "dense",
+             trace=None) -> tuple[dict, int]:
     rng = random.Random(seed)
     nv = rng.randint(1, 3)
     pages = rng.choice([512, 768, 1024])
@@ -32,7 +33,8 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18") -> tuple[dict, i
                   granularity=granularity, strategy="random", seed=seed,
                   tlb_capacity=rng.choice([16, 64, None]), psc_capacity=rng.choice([2, 8]),
                   costs={"sched_timeslice": rng.choice([50_000, 300_000])},
-                  second_ns=rng.choice([200_000, 1_000_000]), policy=kernel)
+                  second_ns=rng.choice([200_000, 1_000_000]), policy=kernel,
+                  storage=storage, trace=trace)
     total = nslots * pages
     chunk = total // nv
 

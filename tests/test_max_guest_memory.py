@@ -198,6 +198,8 @@ def test_knobs_apply_to_the_kernel_and_name_it():
     (["--kernel", "5.16"], "'--kernel'"),
     (["--host-cpus", "1"], "--host-cpus"),
     (["-s", "x"], "'-s' / '--slot-size'"),
+    (["--storage", "sparse"], "'--storage'"),
+    (["--granularity", "coarse"], "'--granularity'"),
 ])
 def test_bad_input_is_one_line_naming_the_option_and_exit_2(args, option):
     rc, out, err = cli(*args)

@@ -15,9 +15,9 @@ from tdpsim.host.host import Host
 from tdpsim.host.memory import POISON
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.page import make_role
-from tdpsim.mmu.store import DenseStore
+from tdpsim.mmu.store import CompactStore, DenseStore
 
-STORES = [DenseStore]
+STORES = [DenseStore, CompactStore]
 N = S.SPTE_ENTRIES
 REMOVED = S.REMOVED_SPTE
 
@@ -36,10 +36,23 @@ writes = st.one_of(
     st.tuples(st.just("write"), st.integers(0, 7), index, st.sampled_from(VALUES),
               st.integers(0, 3)),
     st.tuples(st.just("fill"), st.integers(0, 7), ranges, st.sampled_from(VALUES),
-              st.integers(1, 9), st.booleans()))
+              st.integers(0, 9), st.booleans()))
+#: runs of consecutive host pages with equal flags (what faults install), and bit updates
+#: over the last such run of a table: the cases compact layouts keep compact
+runs = st.one_of(
+    st.tuples(st.just("fill_run"), st.integers(0, 7), ranges, st.integers(1, 1 << 20),
+              st.sampled_from([True, False]), st.integers(0, 3)),
+    # right after the last run: continuing its PFNs and generation, or not quite
+    st.tuples(st.just("fill_next"), st.integers(0, 7), st.integers(1, 64),
+              st.sampled_from([0, 0, 1, -1]), st.sampled_from([0, 0, 1])),
+    st.tuples(st.just("bits_run"), st.integers(0, 7), st.booleans(), st.sampled_from(BITS),
+              st.sampled_from([-1, 0, 0, 1]), st.sampled_from([-1, 0, 0, 1])),
+    st.tuples(st.just("zero_run"), st.integers(0, 7), st.sampled_from([-1, 0, 0, 1]),
+              st.sampled_from([-1, 0, 0, 1])))
 ops = st.one_of(
-    writes, writes,          # twice as likely as the rest
+    writes, writes, runs, runs,     # twice as likely as the rest
     st.tuples(st.just("alloc"), st.integers(1, 4)),
+    st.tuples(st.just("alloc"), st.just(1)),       # leaf tables: the compact layouts' case
     st.tuples(st.just("free"), st.integers(0, 7)),
     st.tuples(st.just("write"), st.integers(0, 7), index, st.sampled_from(VALUES),
               st.integers(0, 3)),
@@ -82,10 +95,15 @@ def _check(store, model, sps):
 @given(seq=st.lists(ops, min_size=4, max_size=60))
 @example(seq=[("write", 0, 0, REMOVED, 1), ("freeze", 0, True),      # frozen at an edge
               ("freeze", 0, False), ("write", 0, 511, 0, 0)])
+@example(seq=[("fill_run", 0, (10, 20), 5, True, 1), ("fill_next", 0, 4, 1, 0)])  # a PFN gap
+@example(seq=[("fill_run", 0, (10, 20), 5, True, 1), ("fill_next", 0, 4, 0, 0),
+              ("bits_run", 0, True, S.SHADOW_ACCESSED, 0, 1)])  # one entry past the run
+@example(seq=[("fill_run", 0, (10, 20), 5, True, 1), ("zero_run", 0, 0, -1)])  # all but one
 def test_store_matches_the_reference_model(cls, seq):
     store = cls(Host())
     model = Model()
     sps = []
+    last_run = {}                   # table id -> the range of its last fill_run
     for op in [("alloc", 1)] + seq:
         kind = op[0]
         if kind == "alloc":
@@ -113,6 +131,41 @@ def test_store_matches_the_reference_model(cls, seq):
             store.write_many(sp, lo, hi, idx, np.full(len(picked), v, dtype=np.uint64), g)
             for i in picked:
                 spt[i], gens[i] = v, g
+        elif kind == "fill_run":
+            _, _, (lo, hi), pfn, writable, g = op
+            vals = np.array([S.make_spte(pfn + k, 1, writable) for k in range(hi - lo)],
+                            dtype=np.uint64)
+            store.write_many(sp, lo, hi, slice(lo, hi), vals, g)
+            spt[lo:hi], gens[lo:hi] = [int(v) for v in vals], [g] * (hi - lo)
+            last_run[sp.id] = (lo, hi)
+        elif kind == "fill_next":
+            _, _, n, dpfn, dgen = op
+            lo0, lo = last_run.get(sp.id, (0, 0))
+            hi = min(N, lo + n)
+            prev = spt[lo - 1] if lo else S.make_spte(100, 1, True)
+            g = (gens[lo - 1] if lo else 1) + dgen
+            first = prev + ((1 + dpfn) << S.PFN_SHIFT)
+            vals = np.array([first + (k << S.PFN_SHIFT) for k in range(hi - lo)],
+                            dtype=np.uint64)
+            store.write_many(sp, lo, hi, slice(lo, hi), vals, g)
+            spt[lo:hi], gens[lo:hi] = [int(v) for v in vals], [g] * (hi - lo)
+            last_run[sp.id] = (lo0 if dpfn == dgen == 0 else lo, hi)
+        elif kind == "bits_run":           # the last run, give or take an entry
+            _, _, set_, bits, dlo, dhi = op
+            lo, hi = last_run.get(sp.id, (0, 0))
+            lo = min(N, max(0, lo + dlo))
+            hi = min(N, max(lo, hi + dhi))
+            name = "set_bits" if set_ else "clear_bits"
+            getattr(store, name)(sp, np.arange(lo, hi), lo, hi, bits)
+            for i in range(lo, hi):
+                spt[i] = spt[i] | bits if set_ else spt[i] & ~bits
+        elif kind == "zero_run":           # a zap of the last run, give or take an entry
+            _, _, dlo, dhi = op
+            lo, hi = last_run.get(sp.id, (0, 0))
+            lo = min(N, max(0, lo + dlo))
+            hi = min(N, max(lo, hi + dhi))
+            store.write_many(sp, lo, hi, slice(lo, hi), np.zeros(hi - lo, dtype=np.uint64), 0)
+            spt[lo:hi], gens[lo:hi] = [0] * (hi - lo), [0] * (hi - lo)
         elif kind in ("set_bits", "clear_bits"):
             _, _, (lo, hi), bits = op
             idx = np.arange(lo, hi)

@@ -37,6 +37,15 @@ class Int(click.ParamType):
         return v
 
 
+class OneOf(click.Choice):
+    """``click.Choice`` whose error says what it expected, like every other option."""
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"expected one of {', '.join(self.choices)}, got {value!r}", param, ctx)
+
+
 class CostOpt(click.ParamType):
     name = "NAME=NS"
 
@@ -109,10 +118,10 @@ def run_options(strategy: str, costs: bool):
     """--seed, --strategy, --granularity (and --cost): how every run is driven."""
     opts = [
         click.option("--seed", type=Int(0, 2**63 - 1), default=0, show_default=True),
-        click.option("--strategy", type=click.Choice(["fifo", "random"]), default=strategy,
+        click.option("--strategy", type=OneOf(["fifo", "random"]), default=strategy,
                      show_default=True,
                      help="who decides simultaneous events and other choices"),
-        click.option("--granularity", type=click.Choice(["exact", "fast"]), default="fast",
+        click.option("--granularity", type=OneOf(["exact", "fast"]), default="fast",
                      show_default=True),
     ]
     if costs:
@@ -120,6 +129,13 @@ def run_options(strategy: str, costs: bool):
                                  help="override a cost, NAME=NS (repeatable)"))
     return _options(*opts)
 
+
+#: --storage: the page-table layout of a VM run
+storage_option = click.option(
+    "--storage", type=OneOf(["dense", "compressed"]), default="dense",
+    show_default=True,
+    help="page-table layout: dense arrays, or leaf tables as runs of consecutive pages "
+         "(same results; less memory)")
 
 #: --knob and --config: the policy on top of --kernel (read by ``load_policy``)
 policy_options = _options(
@@ -181,21 +197,22 @@ def demo(cpus, loopers, iterations, writers, stuck_s, seed, strategy, granularit
 
 
 @cli.command()
-@click.option("--kernel", type=click.Choice(["5.17", "5.18"]), default=None,
+@click.option("--kernel", type=OneOf(["5.17", "5.18"]), default=None,
               help="kernel preset (default 5.18, or the config file's)")
 @policy_options
 @click.option("--vcpus", type=Int(1, 64), default=2, show_default=True)
 @click.option("--slots", type=Int(1, 64), default=4, show_default=True,
               help="memslots of 64 MiB, all aliasing one memfd")
 @run_options(strategy="fifo", costs=False)
+@storage_option
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True))
-def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, json_file):
+def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, storage, json_file):
     """A small VM on the chosen kernel: vCPUs populate guest memory, reset their MMU
     context (dropping the root), populate again; a memslot is deleted, the host unmaps part
     of the backing, the process exits.  Prints the symptoms and the oracle verdict."""
     from .workloads.vm_demo import render, run_vm_demo
     policy = load_policy(kernel, knobs, config)
-    summary = run_vm_demo(policy, vcpus, slots, seed, strategy, granularity)
+    summary = run_vm_demo(policy, vcpus, slots, seed, strategy, granularity, storage)
     click.echo(render(summary))
     if json_file:
         with open(json_file, "w") as fp:
@@ -236,12 +253,14 @@ class KernelList(click.ParamType):
               help="host (and guest) MAXPHYADDR; above 48 the root has 5 levels")
 @click.option("--host-cpus", type=Int(1, 8192), default=16, show_default=True)
 @run_options(strategy="fifo", costs=True)
+@storage_option
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
               help="write every figure to this file (schema: docs/max-guest-memory.md)")
 @click.option("--progress/--no-progress", default=None,
               help="progress bars on stderr  [default: when stderr is a terminal]")
 def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, maxphyaddr,
-                     host_cpus, seed, strategy, granularity, cost, json_file, progress):
+                     host_cpus, seed, strategy, granularity, cost, storage, json_file,
+                     progress):
     """max_guest_memory_test, the series' selftest, on a simulated host: populate up to -m
     GiB through memslots aliasing one backing region, reset every vCPU's MMU context,
     populate again, delete the even memslots, unmap half the backing, exit.  Prints the
@@ -254,7 +273,7 @@ def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, 
     cfg = mgm.MgmConfig(vcpus=vcpus, max_mem_gib=max_mem, slot_gib=slot_size,
                         hugetlb=hugetlb, maxphyaddr=maxphyaddr, host_cpus=host_cpus,
                         seed=seed, strategy=strategy, granularity=granularity,
-                        costs=tuple(cost))
+                        storage=storage, costs=tuple(cost))
     mgm.layout(cfg)                      # every configuration error before any run
     if json_file:                        # and an unwritable output before the first run
         open(json_file, "a").close()

@@ -290,3 +290,226 @@ class DenseStore(PageTableStore):
         old = spt.copy()
         spt[:] = _REMOVED
         return old, sp._gens
+
+
+class CompactStore(PageTableStore):
+    """Leaf tables as one affine run over a constant background; other tables dense.
+
+    A 4 KiB-level table the selftests build holds consecutive host pages with equal flags
+    and one generation: ``(lo, hi, base, step, gen, bg)`` says entry i in [lo, hi) is
+    ``base + (i - lo) * step`` with generation ``gen``, and every other entry is ``bg``
+    with generation 0 (``step`` 0 for a constant run).  An empty table is ``bg`` 0 with no
+    run; freezing it or freeing it keeps the run's generations under a REMOVED or POISON
+    background.  An operation the form cannot express (a single A/D update, a zapped page
+    in the middle) turns the table dense (``_spt`` / ``_gens`` arrays), for good.  Upper
+    levels are always dense.  Every read answers exactly what ``DenseStore`` would.
+
+    Memory per compact table: the header and one tuple instead of 6 KiB of arrays."""
+
+    STEP = 1 << S.PFN_SHIFT            # consecutive 4 KiB host pages
+
+    def _init_entries(self, sp: ShadowPage) -> None:
+        if sp.level == 1:
+            sp._spt = None
+            sp._gens = (0, 0, 0, 0, 0, 0)     # the compact form (see the class doc)
+        else:
+            sp._spt = np.zeros(S.SPTE_ENTRIES, dtype=np.uint64)
+            sp._gens = np.zeros(S.SPTE_ENTRIES, dtype=np.uint32)
+
+    def _dense(self, sp: ShadowPage) -> None:
+        """Expand a compact table into arrays (from now on it stays dense)."""
+        lo, hi, base, step, gen, bg = sp._gens
+        spt = np.full(S.SPTE_ENTRIES, bg, dtype=np.uint64)
+        gens = np.zeros(S.SPTE_ENTRIES, dtype=np.uint32)
+        if hi > lo:
+            spt[lo:hi] = U64(base) + np.arange(hi - lo, dtype=np.uint64) * U64(step)
+            gens[lo:hi] = gen
+        sp._spt, sp._gens = spt, gens
+
+    def _poison(self, sp: ShadowPage) -> None:
+        if sp._spt is None:
+            lo, hi, base, step, gen, bg = sp._gens
+            sp._gens = (lo, hi, POISON, 0, gen, POISON)
+        else:
+            sp._spt.fill(POISON)
+
+    def _settled(self, sp: ShadowPage, lo: int, hi: int, read: bool) -> None:
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=read)
+        if self.checking:
+            self._check(sp, lo, hi, read)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def _span(self, sp: ShadowPage, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """SPTEs and generations of entries [lo, hi) of a compact table, as arrays."""
+        rlo, rhi, base, step, gen, bg = sp._gens
+        spt = np.full(hi - lo, bg, dtype=np.uint64)
+        gens = np.zeros(hi - lo, dtype=np.uint32)
+        a, b = max(lo, rlo), min(hi, rhi)
+        if a < b:
+            spt[a - lo:b - lo] = U64(base + (a - rlo) * step) + \
+                np.arange(b - a, dtype=np.uint64) * U64(step)
+            gens[a - lo:b - lo] = gen
+        return spt, gens
+
+    def _entry(self, sp: ShadowPage, i: int) -> tuple[int, int]:
+        rlo, rhi, base, step, gen, bg = sp._gens
+        if rlo <= i < rhi:
+            return base + (i - rlo) * step, gen
+        return bg, 0
+
+    def read(self, sp: ShadowPage, i: int) -> int:
+        self._settled(sp, i, i + 1, True)
+        return int(sp._spt[i]) if sp._spt is not None else self._entry(sp, i)[0]
+
+    def read_for_update(self, sp: ShadowPage, i: int) -> int:
+        self._settled(sp, i, i + 1, False)
+        return int(sp._spt[i]) if sp._spt is not None else self._entry(sp, i)[0]
+
+    def gen(self, sp: ShadowPage, i: int) -> int:
+        self._settled(sp, i, i + 1, True)
+        return int(sp._gens[i]) if sp._spt is not None else self._entry(sp, i)[1]
+
+    def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
+        self._settled(sp, lo, hi, True)
+        return sp._spt[lo:hi].copy() if sp._spt is not None else self._span(sp, lo, hi)[0]
+
+    def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        self._settled(sp, lo, hi, True)
+        if sp._spt is not None:
+            return sp._spt[idx]
+        return self._span(sp, 0, S.SPTE_ENTRIES)[0][idx]
+
+    def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
+        self._settled(sp, lo, hi, True)
+        if sp._spt is not None:
+            return sp._gens[idx].copy()
+        return self._span(sp, 0, S.SPTE_ENTRIES)[1][idx]
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
+        self._settled(sp, i, i + 1, False)
+        if sp._spt is None:
+            old_spte, old_gen = self._entry(sp, i)
+            g = old_gen if gen is None else gen
+            if (spte, g) == (old_spte, old_gen):
+                return
+            if self._extend(sp, i, i + 1, spte, g):
+                return
+            self._dense(sp)
+        sp._spt[i] = spte
+        if gen is not None:
+            sp._gens[i] = gen
+
+    def _extend(self, sp: ShadowPage, a: int, b: int, first: int, gen: int) -> bool:
+        """Entries [a, b) become ``first``, ``first + step``, ... with generation ``gen``:
+        True if the compact form can say so (a new run on an empty background, or one
+        that continues the run at either end)."""
+        rlo, rhi, base, step, rgen, bg = sp._gens
+        st = self.STEP
+        if bg != 0 or first == 0:
+            return False
+        if rhi == rlo:
+            sp._gens = (a, b, first, st, gen, 0)
+            return True
+        if step != st or gen != rgen:
+            return False
+        if a == rhi and first == base + (rhi - rlo) * st:
+            sp._gens = (rlo, b, base, st, gen, 0)
+            return True
+        if b == rlo and first + (b - a) * st == base:
+            sp._gens = (a, rhi, first, st, gen, 0)
+            return True
+        return False
+
+    def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
+                   gens: np.ndarray | int) -> None:
+        self._settled(sp, lo, hi, False)
+        if sp._spt is None and self._write_compact(sp, idx, sptes, gens):
+            return
+        if sp._spt is None:
+            self._dense(sp)
+        sp._spt[idx] = sptes
+        sp._gens[idx] = gens
+
+    def _write_compact(self, sp: ShadowPage, idx, sptes, gens) -> bool:
+        if not isinstance(idx, slice):
+            return False
+        a, b, stride = idx.indices(S.SPTE_ENTRIES)
+        if stride != 1 or b <= a:
+            return b <= a and stride == 1          # an empty write changes nothing
+        n = b - a
+        sptes = np.broadcast_to(np.asarray(sptes, dtype=np.uint64), (n,))
+        g = np.broadcast_to(np.asarray(gens, dtype=np.uint32), (n,))
+        g0 = int(g[0])
+        if n > 1 and (g != g0).any():
+            return False
+        first = int(sptes[0])
+        rlo, rhi, base, step, rgen, bg = sp._gens
+        if first == 0 and g0 == 0 and (sptes == 0).all():
+            # zeroing: the compact form survives if it clears the whole run (or nothing)
+            if bg != 0:
+                return False
+            if b <= rlo or a >= rhi:
+                return True
+            if a <= rlo and rhi <= b:
+                sp._gens = (0, 0, 0, 0, 0, 0)
+                return True
+            return False
+        if n > 1 and (np.diff(sptes) != U64(self.STEP)).any():
+            return False
+        return self._extend(sp, a, b, first, g0)
+
+    def _bits_compact(self, sp: ShadowPage, idx: np.ndarray, new_base: int) -> bool:
+        """OR/AND of flag bits (never PFN bits) at ``idx`` (sorted, distinct) as the
+        compact form: True if it changes nothing there, or changes exactly the whole run
+        (its entries then all become ``new_base + k * step``)."""
+        rlo, rhi, base, step, gen, bg = sp._gens
+        if not len(idx):
+            return True
+        inside = int(idx[0]) >= rlo and int(idx[-1]) < rhi
+        if inside and new_base == base:
+            return True
+        if inside and len(idx) == rhi - rlo:
+            sp._gens = (rlo, rhi, new_base, step, gen, bg)
+            return True
+        return False
+
+    def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        self._settled(sp, lo, hi, False)
+        if sp._spt is None:
+            if not bits & S.PFN_MASK and self._bits_compact(sp, idx, sp._gens[2] | bits):
+                return
+            self._dense(sp)
+        sp._spt[idx] |= U64(bits)
+
+    def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
+        self._settled(sp, lo, hi, False)
+        if sp._spt is None:
+            if not bits & S.PFN_MASK and self._bits_compact(sp, idx, sp._gens[2] & ~bits):
+                return
+            self._dense(sp)
+        sp._spt[idx] &= ~U64(bits)
+
+    def freeze_all(self, sp: ShadowPage, unless_frozen: bool
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        self._settled(sp, 0, S.SPTE_ENTRIES, False)
+        if sp._spt is not None:
+            spt = sp._spt
+            if unless_frozen and (spt == _REMOVED).any():
+                return None
+            old = spt.copy()
+            spt[:] = _REMOVED
+            return old, sp._gens
+        old, gens = self._span(sp, 0, S.SPTE_ENTRIES)
+        if unless_frozen and (old == _REMOVED).any():
+            return None
+        rlo, rhi, base, step, gen, bg = sp._gens
+        sp._gens = (rlo, rhi, S.REMOVED_SPTE, 0, gen, S.REMOVED_SPTE)
+        return old, gens
+
+
+#: the layouts a run can choose (``--storage``)
+STORES: dict[str, type[PageTableStore]] = {"dense": DenseStore, "compressed": CompactStore}

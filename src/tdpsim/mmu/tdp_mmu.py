@@ -26,7 +26,7 @@ from ..host.workqueue import WorkItem
 from . import spte as S
 from .page import ROLE_INVALID, ShadowPage, make_role
 from .policy import Policy
-from .store import DenseStore
+from .store import STORES
 from .tdp_iter import TdpIter
 
 if TYPE_CHECKING:
@@ -40,14 +40,14 @@ _PAGE_STATS = {1: "pages_4k", 2: "pages_2m", 3: "pages_1g"}
 class TdpMmu:
     """The TDP MMU state of one VM (the ``kvm->arch`` TDP fields)."""
 
-    def __init__(self, kvm: "Kvm", policy: Policy):
+    def __init__(self, kvm: "Kvm", policy: Policy, storage: str = "dense"):
         self.kvm = kvm
         self.host = kvm.host
         self.engine = kvm.engine
         self.costs = kvm.costs
         self.policy = policy
         #: the page-table store: the only owner of SPTE storage
-        self.pt = DenseStore(kvm.host, kvm.name)
+        self.pt = STORES[storage](kvm.host, kvm.name)
         #: fast-mode accelerators (``kvm.accel``) of the leaf walks: "tdp_mmu_zap_leafs",
         #: "wrprot_gfn_range", "clear_dirty_gfn_range", each called at a 4 KiB entry right
         #: after the yield check passed, ``(th, it, end) -> (entries done, changed)``

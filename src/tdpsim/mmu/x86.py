@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
 
 class X86Mmu:
-    def __init__(self, kvm: Kvm, policy: Policy):
+    def __init__(self, kvm: Kvm, policy: Policy, storage: str = "dense"):
         self.kvm = kvm
         self.policy = policy
-        self.tdp = TdpMmu(kvm, policy)
+        self.tdp = TdpMmu(kvm, policy, storage)
         self.pt = self.tdp.pt
         self.mmu_valid_gen = 0
         self.eager_page_split = True
@@ -252,8 +252,10 @@ class X86Mmu:
         self.kvm.dead = True
 
 
-def create_vm(host, mm, policy: Policy, name: str = "vm", maxphyaddr: int = 46) -> Kvm:
-    """KVM_CREATE_VM with the TDP MMU."""
+def create_vm(host, mm, policy: Policy, name: str = "vm", maxphyaddr: int = 46,
+              storage: str = "dense") -> Kvm:
+    """KVM_CREATE_VM with the TDP MMU; ``storage`` names the page-table layout (store.py,
+    ``STORES``)."""
     kvm = Kvm(host, mm, name, maxphyaddr)
-    kvm.arch = X86Mmu(kvm, policy)
+    kvm.arch = X86Mmu(kvm, policy, storage)
     return kvm

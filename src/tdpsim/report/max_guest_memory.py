@@ -119,7 +119,7 @@ def render(results: list[dict]) -> str:
                  f"{c['host_cpus']} CPUs, MAXPHYADDR {c['maxphyaddr']} "
                  f"({results[0]['layout']['root_level']}-level TDP), "
                  f"{results[0]['layout']['slots']} memslots; seed {c['seed']}, "
-                 f"{c['strategy']}, {c['granularity']}")
+                 f"{c['strategy']}, {c['granularity']}, {c['storage']} page tables")
     for r in results:
         lines.append("")
         lines.append(f"== kernel {r['kernel']}")

@@ -66,6 +66,8 @@ class MgmConfig:
     seed: int = 0
     strategy: str = "fifo"
     granularity: str = "fast"
+    #: page-table layout (mmu/store.py): "dense" or "compressed"
+    storage: str = "dense"
     costs: tuple = ()               # ((name, ns), ...) overrides
     #: watchdog thresholds scale with this many ns per "second" (tests lower it)
     second_ns: int = 1_000_000_000
@@ -203,7 +205,8 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
                   maxphyaddr=cfg.maxphyaddr, granularity=cfg.granularity,
                   strategy=cfg.strategy, seed=cfg.seed, policy=pol, hugetlb=cfg.hugetlb,
                   costs=CostModel(dict(cfg.costs)), tlb_capacity=cfg.tlb_capacity,
-                  psc_capacity=cfg.psc_capacity, second_ns=cfg.second_ns, trace=trace)
+                  psc_capacity=cfg.psc_capacity, second_ns=cfg.second_ns, trace=trace,
+                  storage=cfg.storage)
     for _ in range(lay.nslots):
         h.add_slot()
     host, eng = h.host, h.host.engine
@@ -284,7 +287,8 @@ def _result(cfg, lay, pol, h, stamps, wall) -> dict:
                    "slot_gib": cfg.slot_gib, "hugetlb": cfg.hugetlb,
                    "maxphyaddr": cfg.maxphyaddr, "host_cpus": cfg.host_cpus,
                    "seed": cfg.seed, "strategy": cfg.strategy,
-                   "granularity": cfg.granularity, "costs": dict(cfg.costs)},
+                   "granularity": cfg.granularity, "storage": cfg.storage,
+                   "costs": dict(cfg.costs)},
         "layout": {"slots": lay.nslots, "guest_gib": lay.guest_gib,
                    "chunk_pages": lay.chunk_pages, "root_level": tdp.root_level},
         "selftest": sel,

@@ -47,7 +47,7 @@ class VmHarness:
                  psc_capacity: int | None = None, second_ns: int = 1_000_000_000,
                  trace: Trace | None = None, host_config: dict | None = None,
                  nx_huge_pages: bool = False, nx_recovery_period_ms: int = 0,
-                 huge_pages: int = 512):
+                 huge_pages: int = 512, storage: str = "dense"):
         costs = costs if isinstance(costs, CostModel) else CostModel(costs or {})
         self.host = Host(HostConfig(ncpus=ncpus, second_ns=second_ns, **(host_config or {})),
                          costs, make_strategy(strategy, seed), granularity, trace)
@@ -57,7 +57,7 @@ class VmHarness:
         self.hva = self.mm.mmap(pages, self.memfd)
         self.mm.prefault(self.hva, pages)
         pol = preset(policy) if isinstance(policy, str) else policy
-        self.kvm = create_vm(self.host, self.mm, pol, maxphyaddr=maxphyaddr)
+        self.kvm = create_vm(self.host, self.mm, pol, maxphyaddr=maxphyaddr, storage=storage)
         self.arch = self.kvm.arch
         self.tdp = self.arch.tdp
         if granularity == "fast":          # the one granularity switch

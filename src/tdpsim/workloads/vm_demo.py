@@ -13,10 +13,10 @@ SLOT_PAGES = 16384           # 64 MiB per memslot
 
 
 def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: str,
-                granularity: str) -> dict:
+                granularity: str, storage: str = "dense") -> dict:
     h = VmHarness(ncpus=nvcpus + 1, nvcpus=nvcpus, pages=SLOT_PAGES, nslots=nslots,
                   policy=policy, seed=seed, strategy=strategy, granularity=granularity,
-                  tlb_capacity=1536, psc_capacity=32)
+                  tlb_capacity=1536, psc_capacity=32, storage=storage)
     total = nslots * SLOT_PAGES
     chunk = total // nvcpus
 
@@ -43,7 +43,7 @@ def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: s
         "kernel": name if name in PRESETS else "custom",
         "knobs": asdict(policy),
         "config": {"vcpus": nvcpus, "slots": nslots, "seed": seed, "strategy": strategy,
-                   "granularity": granularity},
+                   "granularity": granularity, "storage": storage},
         "sim_end_s": h.host.engine.now / 1e9,
         "symptoms": h.monitors.summary(),
         "findings": [f.as_dict() | {"excerpt": f.excerpt[-5:]} for f in h.findings],
@@ -58,7 +58,7 @@ def render(s: dict) -> str:
         f"tdpsim vm: kernel {s['kernel']}"
         + (f" (knobs off: {', '.join(off)})" if s["kernel"] == "custom" else "")
         + f", {s['config']['vcpus']} vCPUs, {s['config']['slots']} x 64 MiB slots, "
-          f"{s['config']['granularity']}",
+          f"{s['config']['granularity']}, {s['config']['storage']} page tables",
         f"simulated time {s['sim_end_s']:.6f} s",
         "root zaps: " + ", ".join(f"root#{z['root']} by {z['task']} "
                                    f"({z['ns'] / 1e6:.3f} ms, "
