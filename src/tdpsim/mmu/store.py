@@ -107,6 +107,14 @@ class PageTableStore:
     def _check(self, sp: ShadowPage, lo: int | None, hi: int | None, read: bool) -> None:
         self.engine.assert_settled(sp, lo, hi, read)
 
+    def _settled(self, sp: ShadowPage, lo: int, hi: int, read: bool) -> None:
+        """Settle, then check, entries [lo, hi) of ``sp`` (DenseStore inlines the two in
+        its entry operations: they are the exact mode's hottest path)."""
+        if sp.bulks:
+            self.engine.settle(sp, lo, hi, read=read)
+        if self.checking:
+            self._check(sp, lo, hi, read)
+
     def claim(self, sp: ShadowPage, lo: int, hi: int) -> None:
         """Settle every bulk that depends on entries [lo, hi) of ``sp`` before a bulk that
         may write them is declared on them (it will write them lazily, through the store)."""
@@ -332,12 +340,6 @@ class CompactStore(PageTableStore):
             sp._gens = (lo, hi, POISON, 0, gen, POISON)
         else:
             sp._spt.fill(POISON)
-
-    def _settled(self, sp: ShadowPage, lo: int, hi: int, read: bool) -> None:
-        if sp.bulks:
-            self.engine.settle(sp, lo, hi, read=read)
-        if self.checking:
-            self._check(sp, lo, hi, read)
 
     # ---- reads ---------------------------------------------------------------------------
 

@@ -71,10 +71,26 @@ class Steps:
 
     def start_of(self, k: int) -> int:
         """Sum of the costs of steps 0..k-1, k in [0, n] (``start_of(n) == total``)."""
-        raise NotImplementedError
+        if 0 <= k < self.n:
+            return self._start(k)
+        if k == self.n:
+            return self.total
+        raise IndexError(k)
 
     def started_before(self, d: int) -> int:
         """Number of steps that start before time d (0 if d <= 0, n if d >= total)."""
+        if d <= 0:
+            return 0
+        if d >= self.total:
+            return self.n
+        return self._started(d)
+
+    def _start(self, k: int) -> int:
+        """``start_of`` for 0 <= k < n."""
+        raise NotImplementedError
+
+    def _started(self, d: int) -> int:
+        """``started_before`` for 0 < d < total."""
         raise NotImplementedError
 
     def next_check(self, k: int) -> int:
@@ -107,15 +123,11 @@ class Run(Steps):
         object.__setattr__(self, "check", bool(check))
         self._set(n, n * cost, 0 if check and n else n)
 
-    def start_of(self, k: int) -> int:
-        if 0 <= k <= self.n:
-            return k * self.cost
-        raise IndexError(k)
+    def _start(self, k: int) -> int:
+        return k * self.cost
 
-    def started_before(self, d: int) -> int:
-        if d <= 0:
-            return 0
-        return min(self.n, -(-d // self.cost))
+    def _started(self, d: int) -> int:
+        return -(-d // self.cost)
 
     def next_check(self, k: int) -> int:
         if k >= self.n or not self.check:
@@ -163,18 +175,10 @@ class Costs(Steps):
         object.__setattr__(self, "check", bool(check))
         self._set(n, int(cum[-1]) if n else 0, 0 if check and n else n)
 
-    def start_of(self, k: int) -> int:
-        if 0 < k <= self.n:
-            return int(self.cum[k - 1])
-        if k == 0:
-            return 0
-        raise IndexError(k)
+    def _start(self, k: int) -> int:
+        return int(self.cum[k - 1]) if k else 0
 
-    def started_before(self, d: int) -> int:
-        if d <= 0:
-            return 0
-        if d >= self.total:
-            return self.n
+    def _started(self, d: int) -> int:
         # step 0 starts at 0 < d; step i >= 1 starts at cum[i-1]
         return 1 + int(self.cum.searchsorted(d, "left"))
 
@@ -233,19 +237,11 @@ class Seq(Steps):
     def _part(self, k: int) -> int:
         return bisect_right(self.offs_n, k) - 1
 
-    def start_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            i = self._part(k)
-            return self.offs_t[i] + self.parts[i].start_of(k - self.offs_n[i])
-        if k == self.n:
-            return self.total
-        raise IndexError(k)
+    def _start(self, k: int) -> int:
+        i = self._part(k)
+        return self.offs_t[i] + self.parts[i].start_of(k - self.offs_n[i])
 
-    def started_before(self, d: int) -> int:
-        if d <= 0:
-            return 0
-        if d >= self.total:
-            return self.n
+    def _started(self, d: int) -> int:
         i = bisect_left(self.offs_t, d) - 1     # the last part starting before d
         return self.offs_n[i] + self.parts[i].started_before(d - self.offs_t[i])
 
@@ -300,19 +296,11 @@ class Repeat(Steps):
         first = part.first_check
         self._set(n, part.total * times, first if n and first < part.n else n)
 
-    def start_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            q, r = divmod(k, self.part.n)
-            return q * self.part.total + self.part.start_of(r)
-        if k == self.n:
-            return self.total
-        raise IndexError(k)
+    def _start(self, k: int) -> int:
+        q, r = divmod(k, self.part.n)
+        return q * self.part.total + self.part.start_of(r)
 
-    def started_before(self, d: int) -> int:
-        if d <= 0:
-            return 0
-        if d >= self.total:
-            return self.n
+    def _started(self, d: int) -> int:
         q, r = divmod(d, self.part.total)       # d falls r ns into repetition q < times
         return q * self.part.n + self.part.started_before(r)
 
