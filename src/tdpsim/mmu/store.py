@@ -443,14 +443,17 @@ class CompactStore(PageTableStore):
         if stride != 1 or b <= a:
             return b <= a and stride == 1          # an empty write changes nothing
         n = b - a
-        sptes = np.broadcast_to(np.asarray(sptes, dtype=np.uint64), (n,))
-        g = np.broadcast_to(np.asarray(gens, dtype=np.uint32), (n,))
-        g0 = int(g[0])
-        if n > 1 and (g != g0).any():
-            return False
+        if not isinstance(sptes, np.ndarray) or sptes.shape != (n,):
+            sptes = np.broadcast_to(np.asarray(sptes, dtype=np.uint64), (n,))
+        if isinstance(gens, np.ndarray) and gens.ndim:
+            g0 = int(gens[0])
+            if n > 1 and (gens != g0).any():
+                return False
+        else:
+            g0 = int(gens)
         first = int(sptes[0])
         rlo, rhi, base, step, rgen, bg = sp._gens
-        if first == 0 and g0 == 0 and (sptes == 0).all():
+        if first == 0 and g0 == 0 and not sptes.any():
             # zeroing: the compact form survives if it clears the whole run (or nothing)
             if bg != 0:
                 return False
@@ -460,7 +463,7 @@ class CompactStore(PageTableStore):
                 sp._gens = (0, 0, 0, 0, 0, 0)
                 return True
             return False
-        if n > 1 and (np.diff(sptes) != U64(self.STEP)).any():
+        if n > 1 and ((sptes[1:] - sptes[:-1]) != U64(self.STEP)).any():
             return False
         return self._extend(sp, a, b, first, g0)
 
