@@ -24,6 +24,7 @@ docs/design-notes.md, "how to add a storage").
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,7 +41,7 @@ U64 = np.uint64
 _REMOVED = U64(S.REMOVED_SPTE)
 
 
-class PageTableStore:
+class PageTableStore(ABC):
     """Allocation, lookup by PFN and freeing of a VM's page-table pages, and the page-table
     accounting (allocated, freed, live, peak).  Subclasses hold the entries."""
 
@@ -134,65 +135,65 @@ class PageTableStore:
     # Entry indices are within [0, 512); ``idx`` arguments are a slice or an index array
     # whose entries all lie within the [lo, hi) given beside it (what the operation settles).
 
+    @abstractmethod
     def _init_entries(self, sp: ShadowPage) -> None:
         """Give a new table 512 empty entries (SPTE 0, generation 0)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _poison(self, sp: ShadowPage) -> None:
         """A freed table reads as POISON everywhere."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, sp: ShadowPage, i: int) -> int:
         """The SPTE at ``sp[i]`` (a plain load: READ_ONCE)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_for_update(self, sp: ShadowPage, i: int) -> int:
         """The SPTE at ``sp[i]`` read by an update of it (a cmpxchg or an xchg): settles
         as a writer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gen(self, sp: ShadowPage, i: int) -> int:
         """Generation of the host page the leaf at ``sp[i]`` mapped when installed."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(self, sp: ShadowPage, i: int, spte: int, gen: int | None = None) -> None:
         """Store ``spte`` at ``sp[i]`` (and its generation, unless None: kept)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def entries(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> np.ndarray:
         """A copy of the SPTEs of ``sp[lo:hi]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def entries_at(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The SPTEs at indices ``idx`` (all within [lo, hi)) of ``sp``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gens_at(self, sp: ShadowPage, idx, lo: int, hi: int) -> np.ndarray:
         """A copy of the generations at ``idx`` (a slice or an index array, all within
         [lo, hi)) of ``sp``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write_many(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
                    gens: np.ndarray | int) -> None:
         """Store ``sptes`` (and ``gens``) at ``idx`` (a slice or an index array), all within
         [lo, hi) of ``sp``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
         """OR ``bits`` into the SPTEs at ``idx`` (within [lo, hi)): A/D assists in bulk."""
-        raise NotImplementedError
 
+    @abstractmethod
     def clear_bits(self, sp: ShadowPage, idx: np.ndarray, lo: int, hi: int, bits: int) -> None:
         """AND out ``bits`` of the SPTEs at ``idx`` (within [lo, hi))."""
-        raise NotImplementedError
 
+    @abstractmethod
     def freeze_all(self, sp: ShadowPage, unless_frozen: bool
                    ) -> tuple[np.ndarray, np.ndarray] | None:
         """xchg every entry of ``sp`` with REMOVED (handle_removed_pt's loop, done at once);
         returns the old SPTEs and the generations (the latter valid until the entries are
         written again).  ``unless_frozen``: if an entry is already REMOVED (another thread
         froze it and owns it), change nothing and return None: the caller waits."""
-        raise NotImplementedError
 
     def count_present(self, sp: ShadowPage, lo: int = 0, hi: int = S.SPTE_ENTRIES) -> int:
         """Present entries (REMOVED excluded) among ``sp[lo:hi]``."""

@@ -32,6 +32,7 @@ Time of the queries, with P parts per ``Seq`` and d levels of nesting: ``start_o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from operator import index
@@ -40,7 +41,7 @@ from typing import Iterable
 import numpy as np
 
 
-class Steps:
+class Steps(ABC):
     """Base of the step structures.  ``n`` steps, ``total`` ns; ``first_check`` is
     ``next_check(0)`` (n if no step is a check point)."""
 
@@ -85,29 +86,29 @@ class Steps:
             return self.n
         return self._started(d)
 
+    @abstractmethod
     def _start(self, k: int) -> int:
         """``start_of`` for 0 <= k < n."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _started(self, d: int) -> int:
         """``started_before`` for 0 < d < total."""
-        raise NotImplementedError
 
+    @abstractmethod
     def next_check(self, k: int) -> int:
         """The first check-point step at or after step k; n if there is none."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cost_of(self, k: int) -> int:
         """Cost of step k, k in [0, n)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prefix(self, m: int) -> Steps:
         """The first m steps (all of them if m >= n)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def nodes(self) -> int:
         """Size of the structure: its nodes, a cost array counting one per element."""
-        raise NotImplementedError
 
 
 class Run(Steps):
