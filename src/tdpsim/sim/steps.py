@@ -111,10 +111,21 @@ class Steps(ABC):
         """Size of the structure: its nodes, a cost array counting one per element."""
 
 
-class Run(Steps):
+class _Leaf(Steps):
+    """A leaf: its steps are all check points, or none is (``check``)."""
+
+    __slots__ = ("check",)
+
+    def next_check(self, k: int) -> int:
+        if k >= self.n or not self.check:
+            return self.n
+        return max(k, 0)
+
+
+class Run(_Leaf):
     """n steps of cost ``cost`` each."""
 
-    __slots__ = ("cost", "check")
+    __slots__ = ("cost",)
 
     def __init__(self, n: int, cost: int, check: bool = True):
         n, cost = index(n), index(cost)
@@ -129,11 +140,6 @@ class Run(Steps):
 
     def _started(self, d: int) -> int:
         return -(-d // self.cost)
-
-    def next_check(self, k: int) -> int:
-        if k >= self.n or not self.check:
-            return self.n
-        return max(k, 0)
 
     def cost_of(self, k: int) -> int:
         if 0 <= k < self.n:
@@ -150,11 +156,11 @@ class Run(Steps):
         return f"Run({self.n}, {self.cost}{'' if self.check else ', check=False'})"
 
 
-class Costs(Steps):
+class Costs(_Leaf):
     """Steps of arbitrary costs, stored as their running sum ``cum`` (int64): step i ends at
     ``cum[i]``."""
 
-    __slots__ = ("cum", "check")
+    __slots__ = ("cum",)
 
     def __init__(self, costs, check: bool = True):
         a = np.asarray(costs)
@@ -182,11 +188,6 @@ class Costs(Steps):
     def _started(self, d: int) -> int:
         # step 0 starts at 0 < d; step i >= 1 starts at cum[i-1]
         return 1 + int(self.cum.searchsorted(d, "left"))
-
-    def next_check(self, k: int) -> int:
-        if k >= self.n or not self.check:
-            return self.n
-        return max(k, 0)
 
     def cost_of(self, k: int) -> int:
         if 0 <= k < self.n:
