@@ -98,13 +98,23 @@ class Steps(ABC):
     def next_check(self, k: int) -> int:
         """The first check-point step at or after step k; n if there is none."""
 
-    @abstractmethod
     def cost_of(self, k: int) -> int:
         """Cost of step k, k in [0, n)."""
+        if 0 <= k < self.n:
+            return self._cost(k)
+        raise IndexError(k)
+
+    def prefix(self, m: int) -> Steps:
+        """The first m steps (all of them if m >= n, none if m <= 0)."""
+        return self if m >= self.n else self._prefix(max(m, 0))
 
     @abstractmethod
-    def prefix(self, m: int) -> Steps:
-        """The first m steps (all of them if m >= n)."""
+    def _cost(self, k: int) -> int:
+        """``cost_of`` for 0 <= k < n."""
+
+    @abstractmethod
+    def _prefix(self, m: int) -> Steps:
+        """``prefix`` for 0 <= m < n."""
 
     @abstractmethod
     def nodes(self) -> int:
@@ -141,13 +151,11 @@ class Run(_Leaf):
     def _started(self, d: int) -> int:
         return -(-d // self.cost)
 
-    def cost_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            return self.cost
-        raise IndexError(k)
+    def _cost(self, k: int) -> int:
+        return self.cost
 
-    def prefix(self, m: int) -> Steps:
-        return self if m >= self.n else Run(max(m, 0), self.cost, self.check)
+    def _prefix(self, m: int) -> Steps:
+        return Run(m, self.cost, self.check)
 
     def nodes(self) -> int:
         return 1
@@ -189,13 +197,11 @@ class Costs(_Leaf):
         # step 0 starts at 0 < d; step i >= 1 starts at cum[i-1]
         return 1 + int(self.cum.searchsorted(d, "left"))
 
-    def cost_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            return int(self.cum[k]) - (int(self.cum[k - 1]) if k else 0)
-        raise IndexError(k)
+    def _cost(self, k: int) -> int:
+        return int(self.cum[k]) - (int(self.cum[k - 1]) if k else 0)
 
-    def prefix(self, m: int) -> Steps:
-        return self if m >= self.n else Costs.from_cum(self.cum[:max(m, 0)], self.check)
+    def _prefix(self, m: int) -> Steps:
+        return Costs.from_cum(self.cum[:m], self.check)
 
     def nodes(self) -> int:
         return 1 + self.n
@@ -262,16 +268,12 @@ class Seq(Steps):
             return self.n
         return self.offs_n[j] + self.parts[j].first_check
 
-    def cost_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            i = self._part(k)
-            return self.parts[i].cost_of(k - self.offs_n[i])
-        raise IndexError(k)
+    def _cost(self, k: int) -> int:
+        i = self._part(k)
+        return self.parts[i].cost_of(k - self.offs_n[i])
 
-    def prefix(self, m: int) -> Steps:
-        if m >= self.n:
-            return self
-        if m <= 0:
+    def _prefix(self, m: int) -> Steps:
+        if m == 0:
             return Seq(())
         i = self._part(m)               # part i holds step m: keep its first steps only
         return Seq((*self.parts[:i], self.parts[i].prefix(m - self.offs_n[i])))
@@ -320,15 +322,11 @@ class Repeat(Steps):
             return (q + 1) * part.n + part.first_check
         return self.n
 
-    def cost_of(self, k: int) -> int:
-        if 0 <= k < self.n:
-            return self.part.cost_of(k % self.part.n)
-        raise IndexError(k)
+    def _cost(self, k: int) -> int:
+        return self.part.cost_of(k % self.part.n)
 
-    def prefix(self, m: int) -> Steps:
-        if m >= self.n:
-            return self
-        if m <= 0:
+    def _prefix(self, m: int) -> Steps:
+        if m == 0:
             return Seq(())
         q, r = divmod(m, self.part.n)
         head = Repeat(self.part, q)
