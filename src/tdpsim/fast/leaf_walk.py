@@ -70,9 +70,8 @@ def leaf_table_bulk(tdp: "TdpMmu", th, it: "TdpIter", end: int,
     cost = np.full(j - i0, costs.spte_visit, dtype=np.int64)
     if bit is None:
         cost[target] += costs.spte_zap_4k
-    room = sched.need_resched_at(th.cpu) - eng.now
-    cum = np.cumsum(cost)
-    m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
+    steps = Costs(cost)
+    m = steps.started_before(sched.need_resched_at(th.cpu) - eng.now)
     if m < 2:
         return 0, False
     gfn0 = it.gfn
@@ -86,7 +85,7 @@ def leaf_table_bulk(tdp: "TdpMmu", th, it: "TdpIter", end: int,
         else:
             pt.clear_bits(sp, t, i0, i0 + k, bit)
 
-    k = yield Bulk(Costs.from_cum(cum[:m]), apply,
+    k = yield Bulk(steps.prefix(m), apply,
                    [th.cpu, lock, kvm.host.memory, (sp, i0, i0 + m)])
     # leave the iterator on the last entry done, as k - 1 side steps would have
     it.step_side_to(i0 + k - 1)

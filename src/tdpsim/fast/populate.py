@@ -264,7 +264,8 @@ class Populate:
         # iterations must start before need_resched can turn true
         room = th.host.sched.need_resched_at(th.cpu) - eng.now
         cum = np.cumsum(cost)
-        m = 1 + int(np.searchsorted(cum[:-1], room, side="left"))
+        timeline = Costs.from_cum(cum)
+        m = timeline.started_before(room)
         if m <= 1:
             return None
         plan = _Plan(self, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
@@ -285,7 +286,7 @@ class Populate:
             if sp is not None and lo_j < hi_j:
                 resources.append((sp, int(gfns[lo_j]) & 511, (int(gfns[hi_j - 1]) & 511) + 1))
         plan.cum = cum
-        bulk = Bulk(Costs.from_cum(cum[:m]), plan.apply, resources)
+        bulk = Bulk(timeline.prefix(m), plan.apply, resources)
         return bulk, n == n_req and m == total
 
 
