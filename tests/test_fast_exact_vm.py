@@ -98,7 +98,7 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
         "findings": [(f.kind, f.t, f.task) for f in h.findings],
         "lock": (h.kvm.mmu_lock.stats_read.as_dict(), h.kvm.mmu_lock.stats_write.as_dict()),
         "pt": (h.tdp.pt.allocated, h.tdp.pt.freed, h.tdp.pt.peak),
-        "young": [v.young.tolist() for v in h.mm.vmas],
+        "young": [v.young_ranges() for v in h.mm.vmas],
         "reports": [(r["kind"], r["t"]) for r in h.host.reports],
     }
     return out, h.host.engine.events

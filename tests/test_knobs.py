@@ -262,7 +262,7 @@ def test_knob_batched_change_pte_flush():
             yield from h.kvm.mmu_lock.write_lock(th)
             ret = yield from h.arch.set_spte_gfn(th, GfnRange(slot, h.slot_gfn(1) + 3,
                                                               h.slot_gfn(1) + 4, False,
-                                                              (int(h.memfd.pfn[3]), 1, False)))
+                                                              (h.memfd.pfn_of(3), 1, False)))
             h.kvm.mmu_lock.write_unlock(th)
             return ret
         ret = in_thread(h, change)

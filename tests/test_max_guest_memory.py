@@ -36,8 +36,9 @@ def test_max_mem_is_rounded_up_to_whole_slots():
 
 
 def test_maxphyaddr_caps_the_slots_one_page_short_of_the_limit():
-    # 2^40 bytes: vm->max_gfn is the last frame, so the slot ending exactly at 1 TiB is out
-    lay = layout(MgmConfig(max_mem_gib=4096, maxphyaddr=40))
+    # 2^40 bytes (-m at the limit): vm->max_gfn is the last frame, so the slot ending
+    # exactly at 1 TiB is out
+    lay = layout(MgmConfig(max_mem_gib=1024, maxphyaddr=40))
     assert lay.nslots == 509 and lay.guest_gib == 1018
 
 
@@ -191,6 +192,9 @@ def test_knobs_apply_to_the_kernel_and_name_it():
     (["--maxphyaddr", "35"], "'--maxphyaddr'"),
     (["--maxphyaddr", "53"], "'--maxphyaddr'"),
     (["-s", "16", "-m", "64", "--maxphyaddr", "36"], "-s/--slot-size"),
+    (["-s", "8192"], "'-s' / '--slot-size'"),             # beyond KVM's largest memslot
+    (["-m", "65537", "--maxphyaddr", "46"], "-m/--max-mem"),   # beyond 2^MAXPHYADDR
+    (["-m", "4194305", "--maxphyaddr", "52"], "'-m' / '--max-mem'"),
     (["--knob", "nope=on"], "'--knob'"),
     (["--knob", "deferred_flush=maybe"], "'--knob'"),
     (["--cost", "nope=1"], "'--cost'"),

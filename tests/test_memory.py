@@ -14,15 +14,15 @@ def host(mkhost):
 def test_alloc_bumps_generation_and_owner(host):
     mem = host.memory
     p = mem.alloc("a")
-    g1 = int(mem.gen[p])
-    assert p != 0 and mem.state[p] == ALLOCATED and mem.owner[p] == "a"
+    g1 = mem.gen_of(p)
+    assert p != 0 and mem.state_of(p) == ALLOCATED and mem.owner_of(p) == "a"
     assert mem.is_live(p, g1) and mem.allocated == 1
     mem.free(p)
-    assert mem.state[p] == FREE and not mem.is_live(p, g1)
+    assert mem.state_of(p) == FREE and not mem.is_live(p, g1)
     assert mem.alloc("b") == p
-    assert int(mem.gen[p]) == g1 + 1
+    assert mem.gen_of(p) == g1 + 1
     assert mem.is_live(p, g1 + 1) and not mem.is_live(p, g1)
-    assert mem.owner[p] == "b"
+    assert mem.owner_of(p) == "b"
 
 
 def test_distinct_pages_while_allocated(host):
@@ -58,7 +58,7 @@ def test_free_list_is_lifo(host):
 def test_stale_reference_while_free_is_use_after_free(host):
     mem = host.memory
     p = mem.alloc("x")
-    g = int(mem.gen[p])
+    g = mem.gen_of(p)
     assert mem.check(p, g) and mem.write_back(p, g)
     assert host.reports == []
     mem.free(p)
@@ -76,7 +76,7 @@ def _idle(th):
 def test_stale_reference_after_reuse_names_new_owner(host):
     mem = host.memory
     p = mem.alloc("old")
-    g = int(mem.gen[p])
+    g = mem.gen_of(p)
     mem.free(p)
     assert mem.alloc("thief") == p
     th = host.spawn(_idle, "walker")
@@ -87,7 +87,7 @@ def test_stale_reference_after_reuse_names_new_owner(host):
     assert r2["reused"] is True and r2["now_owner"] == "thief"
     assert r2["what"] == "accessed write-back"
     # the new owner's reference is fine
-    assert mem.check(p, int(mem.gen[p])) and len(host.reports) == 2
+    assert mem.check(p, mem.gen_of(p)) and len(host.reports) == 2
 
 
 def test_double_free_reported_and_harmless(host):
@@ -108,12 +108,12 @@ def test_alloc_many_reuses_lifo_then_fresh(host):
     a, b, c = (mem.alloc() for _ in range(3))
     mem.free(a)
     mem.free(b)
-    gb = int(mem.gen[b])
+    gb = mem.gen_of(b)
     out = mem.alloc_many(4, "bulk")
     assert out[:2].tolist() == [b, a]
     assert len(set(out.tolist()) | {c}) == 5
-    assert (mem.state[out] == ALLOCATED).all() and int(mem.gen[b]) == gb + 1
-    assert all(mem.owner[p] == "bulk" for p in out.tolist())
+    assert all(mem.state_of(p) == ALLOCATED for p in out.tolist()) and mem.gen_of(b) == gb + 1
+    assert all(mem.owner_of(p) == "bulk" for p in out.tolist())
     assert mem.allocated == 5 and mem.allocs == 7
 
 
@@ -122,10 +122,10 @@ def test_free_many_poisons_pushes_lifo_and_detects_double_free(host):
     pfns = mem.alloc_many(3, "bulk")
     buf = np.zeros(512, dtype=np.uint64)
     p = mem.alloc("pt", content=buf)
-    gens = mem.gen[pfns].copy()
+    gens = mem.gens_of(pfns)
     mem.free_many(np.append(pfns, p))
     assert (buf == POISON).all()
-    assert (mem.state[pfns] == FREE).all() and mem.allocated == 0
+    assert all(mem.state_of(p) == FREE for p in pfns.tolist()) and mem.allocated == 0
     assert not mem.check(int(pfns[0]), int(gens[0]))
     assert mem.alloc() == p                                  # freed last, handed out first
     assert mem.alloc_many(3).tolist() == pfns[::-1].tolist()

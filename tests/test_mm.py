@@ -1,5 +1,6 @@
 """Process address space and mmu_notifier hook ordering (mm/mmap.c, madvise.c, ksm.c, rmap.c)."""
 
+import numpy as np
 import pytest
 
 from tdpsim.host.memory import ALLOCATED, FREE
@@ -18,7 +19,7 @@ class Rec(MmuNotifierOps):
 
     def _rec(self, hook, info=None):
         self.log.append((hook, self.host.engine.now, self.mm.notifier_count, info))
-        self.states[hook] = self.host.memory.state.copy()
+        self.states[hook] = self.host.memory.states_of(np.arange(4096))
 
     def present(self, start, end):
         return [self.mm.lookup(a) is not None for a in range(start, end, PAGE)]
@@ -104,7 +105,7 @@ def test_munmap_brackets_zap_and_frees_anon_after_end(host):
         assert (r.states["end"][pfns] == ALLOCATED).all()       # not freed before end
     assert rec.log[0][1] < rec2.log[0][1] < rec.log[1][1] < rec2.log[1][1]
     assert mm.notifier_count == 0
-    assert (host.memory.state[pfns] == FREE).all() and host.memory.allocated == 0
+    assert (host.memory.states_of(pfns) == FREE).all() and host.memory.allocated == 0
     assert mm.find_vma(hva) is None
 
 
@@ -124,13 +125,13 @@ def test_dontneed_and_munmap_keep_memfd_pages_free_anon(host):
     run(host, body)
     assert [e[3][0] for e in rec.log] == ["clear"] * 4
     assert all(mm.lookup(shared + i * PAGE) is None for i in range(4))
-    assert all(mem.is_live(p, g) and mem.owner[p] == fd.name for p, g in fd_refs)
+    assert all(mem.is_live(p, g) and mem.owner_of(p) == fd.name for p, g in fd_refs)
     assert not any(mem.is_live(p, g) for p, g in anon_refs)
     assert mm.fault(shared + PAGE) == fd_refs[1]           # same page back from the file
     assert mm.fault(anon + PAGE) != anon_refs[1]           # a fresh anonymous page
     run(host, lambda th: mm.munmap(th, shared, 4))
     assert all(mem.is_live(p, g) for p, g in fd_refs)
-    assert fd.pfn.tolist() == [p for p, _ in fd_refs]
+    assert [fd.pfn_of(i) for i in range(fd.npages)] == [p for p, _ in fd_refs]
 
 
 def test_ksm_merge_order(host):
@@ -139,14 +140,14 @@ def test_ksm_merge_order(host):
     old = mm.lookup(hva)
     out = run(host, lambda th: mm.ksm_merge(th, hva))
     ksm = out["ret"]
-    gen = int(mem.gen[ksm])
+    gen = mem.gen_of(ksm)
     assert rec.hooks() == ["start", "change_pte", "end"]
     assert rec.log[0][3] == ("clear", [True])
     assert rec.log[1][2] == 1
     assert rec.log[1][3] == (hva, ksm, gen, False, None)     # PTE cleared before change_pte
     assert rec.log[2][3] == ("clear", [True])                # new PTE installed before end
     assert rec.states["end"][old[0]] == ALLOCATED
-    assert not mem.is_live(*old) and mem.is_live(ksm, gen) and mem.owner[ksm] == "ksm"
+    assert not mem.is_live(*old) and mem.is_live(ksm, gen) and mem.owner_of(ksm) == "ksm"
     assert mm.lookup(hva) == (ksm, gen) and mm.notifier_count == 0
     fd = mm.memfd_create(1)
     shared = mm.mmap(1, fd)

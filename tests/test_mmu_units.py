@@ -134,7 +134,7 @@ def test_page_tables_alloc_lookup_free():
     pt.free(sp)
     assert sp.freed and (pt.entries(sp) == np.uint64(POISON)).all()
     assert pt.lookup(sp.pfn) is None and pt.live == 3
-    assert host.memory.state[sp.pfn] == FREE
+    assert host.memory.state_of(sp.pfn) == FREE
     assert pt.lookup(sps[0].pfn) is sps[0]
     assert not host.reports_of("double_free")
     pt.free(sp)

@@ -274,7 +274,7 @@ def test_use_after_free_dirty_write_back_to_freed_host_page(buggy):
     writes A/D back to the freed page."""
     h = VmHarness(nvcpus=1, pages=64, nslots=1)
     g = h.slot_gfn(1) + 7
-    pfn = int(h.memfd.pfn[7])
+    pfn = h.memfd.pfn_of(7)
 
     def fn(th):
         if buggy:
@@ -332,7 +332,7 @@ def test_guest_access_freed_page(buggy, via_tlb):
     h = VmHarness(nvcpus=1, pages=64, nslots=1, tlb_capacity=None if via_tlb else 1)
     g0, st = h.slot_gfn(1), {}
     gfns = [g0 + 2] if via_tlb else [g0 + 1, g0 + 2]
-    pfn = int(h.memfd.pfn[2])
+    pfn = h.memfd.pfn_of(2)
     spin = spinning(h, gfns, lambda: bool(h.findings) or st.get("stop"), n=8)
 
     def fn(th):

@@ -630,7 +630,7 @@ def test_kvm_tdp_mmu_map_installs_4k_sptes_for_small_backing():
     assert h.vcpus[0].stat["pf_fixed"] == 300
     # each gfn maps the memfd page behind its hva, writable and dirty (a write fault)
     for gfn, (_, spte) in m.items():
-        assert S.spte_to_pfn(spte) == int(h.memfd.pfn[gfn - h.slot_gfn(1)])
+        assert S.spte_to_pfn(spte) == h.memfd.pfn_of(gfn - h.slot_gfn(1))
         assert spte & S.EPT_W and spte & S.SHADOW_DIRTY
     assert h.findings == []
 
@@ -658,7 +658,7 @@ def test_kvm_tdp_mmu_map_2m_sptes_translate_to_the_backing_pages():
     g0 = h.slot_gfn(1)
     for gfn, (lvl, spte) in leaves_of(h, h.tdp.roots[0], g0, h.gfn_end).items():
         for k in (0, 1, 511):
-            assert S.spte_to_pfn(spte) + k == int(h.memfd.pfn[gfn - g0 + k])
+            assert S.spte_to_pfn(spte) + k == h.memfd.pfn_of(gfn - g0 + k)
     assert h.findings == []
 
 
@@ -791,7 +791,7 @@ def _change_pte(h, target):
         f0 = fr()
         st["ret"] = yield from h.kvm.notifier._handle_hva_range(
             th, hva + target * PAGE, hva + (target + 1) * PAGE, h.arch.set_spte_gfn,
-            flush_on_ret=True, extra=(new_pfn, int(mem.gen[new_pfn]), False))
+            flush_on_ret=True, extra=(new_pfn, mem.gen_of(new_pfn), False))
         st["flush"] = fr() - f0
         st["after"] = leaves_of(h, v.root, gfn, gfn + 16)
         # KSM proper: its invalidation zaps the page first, so change_pte finds nothing
@@ -991,7 +991,7 @@ def test_kvm_tdp_mmu_map_1g_for_1g_hugetlb_backing():
     v = h.vcpus[0]
     assert h.kvm.stat["pages_1g"] == 1 and h.kvm.stat["pages_4k"] == 0
     assert v.stat["pf_fixed"] == 1                      # the second access needed no fault
-    assert v.tlb.entries[base + 200000].pfn == int(h.memfd.pfn[200000])
+    assert v.tlb.entries[base + 200000].pfn == h.memfd.pfn_of(200000)
     assert h.findings == []
 
 

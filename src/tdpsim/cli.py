@@ -242,9 +242,12 @@ class KernelList(click.ParamType):
 @click.option("-c", "--vcpus", type=Int(1, 1024), default=None,
               help="vCPUs  [default: 3/4 of --host-cpus]")
 @click.option("-m", "--max-mem", type=Int(1, 1 << 22), default=128, show_default=True,
-              help="maximum guest memory, GiB")
-@click.option("-s", "--slot-size", type=Int(1, 512), default=2, show_default=True,
-              help="size of the backing region and of each memslot, GiB")
+              help="maximum guest memory, GiB: up to 2^MAXPHYADDR bytes (64 TiB at 46, "
+                   "4 PiB at 52)")
+@click.option("-s", "--slot-size", type=Int(1, 8191), default=2, show_default=True,
+              help="size of the backing region and of each memslot, GiB: up to 8191 (KVM's "
+                   "largest memslot; the host keeps the region as runs) and below a "
+                   "quarter of 2^MAXPHYADDR")
 @click.option("-H", "--hugetlb", is_flag=True, help="back guest memory with 2 MiB hugetlb")
 @click.option("--kernel", type=KernelList(), default=None,
               help="5.18, 5.17, or 5.17,5.18 to compare  [default: 5.18, or the config's]")

@@ -173,7 +173,7 @@ class Populate:
         idx = (hvas - vma.start) // PAGE
         n = _cut(n, idx >= vma.npages)
         idx = idx[:n]
-        pfns = vma.pte[idx]       # other bulks never change PTEs: no settle needed
+        pfns, pte_gens = vma.ptes(idx)    # other bulks never change PTEs: no settle needed
         n = _cut(n, pfns < 0)
         # TLB entries: a hit is not modelled in bulk
         tlb = vcpu.tlb
@@ -269,8 +269,8 @@ class Populate:
         if m <= 1:
             return None
         plan = _Plan(self, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
-                     pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi,
-                     cost)
+                     pfns[:n], pte_gens[:n], pdes, absent, steps, first_step, write, root,
+                     seg_pde, seg_lo, seg_hi, cost)
         mp = m_pages(first_step, m)               # pages the bulk reaches
         im = idx[:mp]
         # level-2 entries: read for every PDE reached, written only where a table is added
@@ -308,7 +308,8 @@ class _Plan:
     the owners' batch operations."""
 
     def __init__(self, fp, vcpu, th, guest, slot, vma, l2, leaf_tables, alloc_page, gfns, idx,
-                 pdes, absent, steps, first_step, write, root, seg_pde, seg_lo, seg_hi, cost):
+                 pfns, pte_gens, pdes, absent, steps, first_step, write, root, seg_pde, seg_lo,
+                 seg_hi, cost):
         self.__dict__.update(locals())
         del self.__dict__["self"]
         self.t0 = fp.kvm.engine.now
@@ -339,8 +340,8 @@ class _Plan:
         segs = list(zip(self.seg_pde.tolist(), self.seg_lo.tolist(), self.seg_hi.tolist()))
         if nb:
             sel = np.flatnonzero(b_done)
-            vals = S.make_4k_sptes(vma.pte[self.idx[sel]], writable=not self.slot.readonly)
-            gens = vma.pte_gen[self.idx[sel]]
+            vals = S.make_4k_sptes(self.pfns[sel], writable=not self.slot.readonly)
+            gens = self.pte_gens[sel]
             ii = gfns[sel] & 511
             # the installed pages of each table are one run of ``sel``
             cuts = np.searchsorted(sel, self.seg_lo).tolist() + [len(sel)]
@@ -390,13 +391,7 @@ class _Plan:
     def _accessed(self, vcpu, npages: int) -> None:
         """The first ``npages`` accesses completed: TLB fills (LRU: only the newest
         ``capacity`` stay) and the observations."""
-        ii = self.idx[:npages]
-        if self.guest.stride == 1:          # consecutive pages: the PTEs are one slice
-            i0 = int(ii[0])
-            pfns = self.vma.pte[i0:i0 + npages]
-            gens = self.vma.pte_gen[i0:i0 + npages]
-        else:
-            pfns, gens = self.vma.pte[ii], self.vma.pte_gen[ii]
+        pfns, gens = self.pfns[:npages], self.pte_gens[:npages]
         tlb = vcpu.tlb
         cap = tlb.capacity
         lo = 0 if cap is None else max(0, npages - cap)

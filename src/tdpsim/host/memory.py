@@ -18,69 +18,75 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..sim.engine import Resource
+from ..sim.runs import FreeStack, RunMap
 
 if TYPE_CHECKING:
     from .host import Host
 
 POISON = 0x6B6B6B6B6B6B6B6B   # slab's POISON_FREE byte, repeated
 FREE, ALLOCATED = 0, 1
-#: ``live_gen`` of a page that is not allocated: no reference carries it (generations
-#: count allocations from 1 and never get near 2^32 - 1)
-NOT_LIVE = np.uint32(0xFFFFFFFF)
 
 
 class PageAllocator(Resource):
     """As a Resource it stands for the allocation counters: fast-mode bulks that allocate
     declare it, and every free settles them first, so ``peak`` (the live count just before
-    a free) is what ``exact`` mode would see.  Allocations commute and do not settle."""
+    a free) is what ``exact`` mode would see.  Allocations commute and do not settle.
+
+    Per-page state is kept by runs (sim/runs.py), so it costs per run of pages allocated
+    or freed together, not per page: ``_pages`` maps a PFN to ``2 * gen + allocated`` with
+    the tag ``(refs, owner)``, and the free list is a ``FreeStack``."""
 
     def __init__(self, host: "Host", total_pages: int | None = None):
         super().__init__()
         self.host = host
         self.total = total_pages          # None: unbounded
-        cap = 1 << 16
-        self.state = np.zeros(cap, dtype=np.uint8)
-        self.gen = np.zeros(cap, dtype=np.uint32)
-        #: gen where the page is allocated, NOT_LIVE elsewhere: a reference (pfn, gen) is
-        #: live iff live_gen[pfn] == gen (one lookup for the many checks of fast paths)
-        self.live_gen = np.full(cap, NOT_LIVE, dtype=np.uint32)
-        self.refs = np.zeros(cap, dtype=np.uint32)   # mappings of a shared page (KSM, anon)
-        self.owner: list[str | None] = [None] * cap
+        #: pfn -> 2 * generation + (1 if allocated), tag (mappings of the page, owner)
+        self._pages = RunMap(0, (0, None), affine=False)
         self.contents: dict[int, np.ndarray] = {}
-        self._free: list[int] = []
+        self._free = FreeStack()
         self._next = 1                    # PFN 0 is never handed out
         self.allocated = 0
         self.peak = 0
         self.allocs = 0
         self.frees = 0
 
-    def _grow(self, need: int) -> None:
-        cap = len(self.state)
-        if need < cap:
-            return
-        new = max(cap * 2, need + 1)
-        self.state = np.concatenate([self.state, np.zeros(new - cap, dtype=np.uint8)])
-        self.gen = np.concatenate([self.gen, np.zeros(new - cap, dtype=np.uint32)])
-        self.live_gen = np.concatenate([self.live_gen,
-                                        np.full(new - cap, NOT_LIVE, dtype=np.uint32)])
-        self.refs = np.concatenate([self.refs, np.zeros(new - cap, dtype=np.uint32)])
-        self.owner.extend([None] * (new - cap))
+    # ---- per-page state ------------------------------------------------------------------
+
+    def gen_of(self, pfn: int) -> int:
+        """The page's generation: how many times it has been allocated."""
+        return self._pages.value(pfn) >> 1
+
+    def gens_of(self, pfns: np.ndarray) -> np.ndarray:
+        return (self._pages.values(pfns)[0] >> 1).astype(np.uint32)
+
+    def state_of(self, pfn: int) -> int:
+        """ALLOCATED or FREE."""
+        return self._pages.value(pfn) & 1
+
+    def states_of(self, pfns: np.ndarray) -> np.ndarray:
+        return self._pages.values(pfns)[0] & 1
+
+    def owner_of(self, pfn: int) -> str | None:
+        """Who allocated the page last (kept after it is freed)."""
+        return self._pages.get(pfn)[1][1]
+
+    def runs(self) -> int:
+        """Runs the per-page state takes (a measure of its memory)."""
+        return len(self._pages) + len(self._free._runs)
+
+    # ---- allocation ----------------------------------------------------------------------
 
     def alloc(self, owner: str = "", content: np.ndarray | None = None) -> int:
         """Allocate one page; ``content`` is an optional buffer to poison on free."""
-        if self._free:
+        if self._free.n:
             pfn = self._free.pop()
         else:
             if self.total is not None and self.allocated >= self.total:
                 raise MemoryError("host out of memory")
             pfn = self._next
             self._next += 1
-            self._grow(pfn)
-        self.state[pfn] = ALLOCATED
-        self.gen[pfn] += 1
-        self.live_gen[pfn] = self.gen[pfn]
-        self.refs[pfn] = 1
-        self.owner[pfn] = owner
+        v = self._pages.value(pfn)
+        self._pages.assign(pfn, pfn + 1, (v & ~1) + 3, 0, (1, owner))   # gen + 1, allocated
         if content is not None:
             self.contents[pfn] = content
         self.allocated += 1
@@ -95,15 +101,16 @@ class PageAllocator(Resource):
             eng.settle(self)
         if eng.check_settle:
             eng.assert_settled(self, None, None, False)
-        if self.state[pfn] != ALLOCATED:
-            self.host.report("double_free", who, pfn=pfn, owner=self.owner[pfn])
+        v, tag = self._pages.get(pfn)
+        if not v & 1:
+            self.host.report("double_free", who, pfn=pfn, owner=tag[1])
             return
-        self.state[pfn] = FREE
-        self.live_gen[pfn] = NOT_LIVE
-        buf = self.contents.pop(pfn, None)
-        if buf is not None:
-            buf.fill(POISON)
-        self._free.append(pfn)
+        self._pages.assign(pfn, pfn + 1, v - 1, 0, tag)
+        if self.contents:
+            buf = self.contents.pop(pfn, None)
+            if buf is not None:
+                buf.fill(POISON)
+        self._free.push(pfn)
         self.allocated -= 1
         self.frees += 1
 
@@ -114,33 +121,42 @@ class PageAllocator(Resource):
         start = -(-self._next // n) * n
         out = np.arange(start, start + n, dtype=np.int64)
         self._next = start + n
-        self._grow(self._next)
         return self._mark_allocated(out, owner)
 
     def alloc_many(self, n: int, owner: str = "") -> np.ndarray:
         """Allocate n pages at once (free list first, most recent first)."""
         if self.total is not None and self.allocated + n > self.total:
             raise MemoryError("host out of memory")
-        take = min(n, len(self._free))
+        take = min(n, self._free.n)
         out = np.empty(n, dtype=np.int64)
         if take:
-            out[:take] = self._free[:-take - 1:-1]
-            del self._free[-take:]
+            out[:take] = self._free.pop_many(take)
         fresh = n - take
         if fresh:
             out[take:] = np.arange(self._next, self._next + fresh, dtype=np.int64)
             self._next += fresh
-            self._grow(self._next)
         return self._mark_allocated(out, owner)
 
+    def alloc_run(self, n: int, owner: str = "") -> int | None:
+        """Allocate n fresh contiguous pages when the free list is empty (what alloc_many
+        would hand out then), at a cost independent of n; returns the first PFN, or None
+        if the free list has pages (use alloc_many)."""
+        if self._free.n:
+            return None
+        if self.total is not None and self.allocated + n > self.total:
+            raise MemoryError("host out of memory")
+        first = self._next
+        self._next += n
+        self._pages.assign(first, first + n, 3, 0, (1, owner))   # generation 1, allocated
+        self.allocated += n
+        self.allocs += n
+        self.peak = max(self.peak, self.allocated)
+        return first
+
     def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
-        """Bookkeeping shared by the bulk allocators."""
-        self.state[out] = ALLOCATED
-        self.gen[out] += 1
-        self.live_gen[out] = self.gen[out]
-        self.refs[out] = 1
-        for p in out.tolist():
-            self.owner[p] = owner
+        """Bookkeeping shared by the bulk allocators: each page's generation goes up."""
+        v = self._pages.values(out)[0]
+        self._pages.assign_many(out, (v & ~1) + 3, (1, owner))        # gen + 1, allocated
         self.allocated += len(out)
         self.allocs += len(out)
         self.peak = max(self.peak, self.allocated)
@@ -154,27 +170,54 @@ class PageAllocator(Resource):
             eng.assert_settled(self, None, None, False)
         pfns = np.asarray(pfns, dtype=np.int64)
         uniq, first, counts = np.unique(pfns, return_index=True, return_counts=True)
-        live = self.state[uniq] == ALLOCATED
-        # a free page, or a page named twice in the batch, is a double free
-        for p, n, ok in zip(uniq.tolist(), counts.tolist(), live.tolist()):
-            for _ in range(n - 1 if ok else n):
-                self.host.report("double_free", who, pfn=p, owner=self.owner[p])
-        good = uniq[live][np.argsort(first[live], kind="stable")]  # keep the caller's order
-        self.state[good] = FREE
-        self.live_gen[good] = NOT_LIVE
-        for p in good.tolist():
-            buf = self.contents.pop(p, None)
-            if buf is not None:
-                buf.fill(POISON)
-        self._free.extend(good.tolist())
+        vals, run = self._pages.values(uniq)
+        live = (vals & 1) == 1
+        if not live.all() or (counts > 1).any():
+            # a free page, or a page named twice in the batch, is a double free
+            for p, n, ok, r in zip(uniq.tolist(), counts.tolist(), live.tolist(),
+                                   run.tolist()):
+                for _ in range(n - 1 if ok else n):
+                    self.host.report("double_free", who, pfn=p,
+                                     owner=self._pages.tag_at(r)[1])
+        good_at = np.flatnonzero(live)
+        # pages keep their tag: assign per run they came from
+        for r in np.unique(run[good_at]).tolist():
+            sel = good_at[run[good_at] == r]
+            self._pages.assign_many(uniq[sel], vals[sel] - 1, self._pages.tag_at(r))
+        good = uniq[good_at[np.argsort(first[good_at], kind="stable")]]  # the caller's order
+        if self.contents:
+            for p in good.tolist():
+                buf = self.contents.pop(p, None)
+                if buf is not None:
+                    buf.fill(POISON)
+        self._free.push_many(good)
         self.allocated -= len(good)
         self.frees += len(good)
+
+    def free_run(self, first: int, n: int, who=None) -> None:
+        """Free pages first, first + 1, ..., in that order (``free_many`` of them), at a
+        cost per run of their state rather than per page."""
+        runs = list(self._pages.runs(first, first + n))
+        if any(not v & 1 for _, _, v, _, _ in runs) or self.contents:
+            self.free_many(np.arange(first, first + n, dtype=np.int64), who)
+            return
+        eng = self.host.engine
+        if self.bulks:
+            eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
+        for lo, hi, v, _, tag in runs:
+            self._pages.assign(lo, hi, v - 1, 0, tag)
+        self._free.push_run(first, n, 1)
+        self.allocated -= n
+        self.frees += n
 
     # ---- shared pages (mapped more than once) ------------------------------------------
 
     def get(self, pfn: int) -> None:
         """Take one more reference (another mapping of a shared page)."""
-        self.refs[pfn] += 1
+        v, (refs, owner) = self._pages.get(pfn)
+        self._pages.assign(pfn, pfn + 1, v, 0, (refs + 1, owner))
 
     def put_many(self, pfns: np.ndarray, who=None) -> None:
         """Drop one reference per entry; pages whose last reference goes are freed."""
@@ -182,44 +225,40 @@ class PageAllocator(Resource):
         if not len(pfns):
             return
         uniq, counts = np.unique(pfns, return_counts=True)
-        dead = self.state[uniq] != ALLOCATED
+        vals, _ = self._pages.values(uniq)
+        dead = (vals & 1) == 0
         if dead.any():
             self.free_many(uniq[dead], who)        # reports the double free
-        uniq, counts = uniq[~dead], counts[~dead]
-        refs = self.refs[uniq].astype(np.int64) - counts
-        if (refs < 0).any():
-            for p in uniq[refs < 0].tolist():
-                self.host.report("double_free", who, pfn=p, owner=self.owner[p])
-        self.refs[uniq] = np.maximum(refs, 0).astype(np.uint32)
-        gone = uniq[refs <= 0]
-        if len(gone):
-            self.free_many(gone, who)
+        gone = []
+        for p, n in zip(uniq[~dead].tolist(), counts[~dead].tolist()):
+            v, (refs, owner) = self._pages.get(p)
+            if refs < n:
+                self.host.report("double_free", who, pfn=p, owner=owner)
+            self._pages.assign(p, p + 1, v, 0, (max(refs - n, 0), owner))
+            if refs <= n:
+                gone.append(p)
+        if gone:
+            self.free_many(np.array(gone, dtype=np.int64), who)
 
     # ---- checks ------------------------------------------------------------------------
 
     def is_live(self, pfn: int, gen: int) -> bool:
-        if not 0 < pfn < len(self.state):
-            return False            # a garbage PFN (e.g. read from a poisoned table)
-        return bool(self.live_gen[pfn] == gen)
+        """``(pfn, gen)`` is the page's current allocation (a garbage PFN, e.g. read from a
+        poisoned table, is not live: PFN 0 and pages never handed out read as free)."""
+        return pfn > 0 and self._pages.value(pfn) == 2 * gen + 1
 
     def live_mask(self, pfns: np.ndarray, gens: np.ndarray) -> np.ndarray:
-        """``is_live`` for many references at once (PFNs >= 0; garbage ones are not live)."""
-        pfns = np.asarray(pfns, dtype=np.int64)
-        try:        # PFN 0 is never allocated; a PFN past the end raises
-            return self.live_gen[pfns] == gens
-        except IndexError:
-            ok = pfns < len(self.state)
-            live = np.zeros(len(pfns), dtype=bool)
-            live[ok] = self.live_gen[pfns[ok]] == np.broadcast_to(gens, pfns.shape)[ok]
-            return live
+        """``is_live`` for many references at once (PFNs >= 0)."""
+        vals, _ = self._pages.values(pfns)
+        return vals == 2 * np.asarray(gens, dtype=np.int64) + 1
 
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
         """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""
         if self.is_live(pfn, gen):
             return True
-        reused = 0 < pfn < len(self.state) and bool(self.state[pfn] == ALLOCATED)
+        reused = pfn > 0 and self.state_of(pfn) == ALLOCATED
         self.host.report("use_after_free", who, pfn=pfn, what=what, reused=reused,
-                         now_owner=self.owner[pfn] if reused else None)
+                         now_owner=self.owner_of(pfn) if reused else None)
         return False
 
     def write_back(self, pfn: int, gen: int, who=None, what: str = "dirty") -> bool:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 
 from ..sim.engine import Resource
+from ..sim.runs import RunMap
 
 if TYPE_CHECKING:
     from .host import Host
@@ -40,9 +41,16 @@ GPAGE_PAGES = 512 * 512
 HVA_BASE = 0x7F00_0000_0000
 
 
+#: pages a run-wide host operation hands the allocator at once (bounds its arrays)
+CHUNK = 1 << 20
+
+
 class MemFd:
     """A memfd: pages owned by the file, allocated on first touch (or ``prefault``).
-    A hugetlb memfd holds 2 MiB pages: physically contiguous, aligned blocks of 512."""
+    A hugetlb memfd holds 2 MiB pages: physically contiguous, aligned blocks of 512.
+
+    Which host page backs each file page, and its generation, are run maps (sim/runs.py):
+    a file pre-faulted in one go is a handful of runs whatever its size."""
 
     def __init__(self, host: "Host", npages: int, hugetlb: bool = False, name: str = "memfd",
                  huge_pages: int = HPAGE_PAGES):
@@ -58,44 +66,70 @@ class MemFd:
         self.name = name
         self.npages = npages
         self.hugetlb = hugetlb
-        self.pfn = np.full(npages, -1, dtype=np.int64)
-        self.gen = np.zeros(npages, dtype=np.uint32)
+        self._pfn = RunMap(-1)          # file page -> host PFN (-1: not allocated)
+        self._gen = RunMap(0)           # file page -> generation of that host page
         self.closed = False
 
+    def pfn_of(self, idx: int) -> int:
+        """The host page backing file page ``idx`` (-1 if none yet)."""
+        return self._pfn.value(idx)
+
+    def pages(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host PFNs (-1: none) and generations of file pages ``idx``."""
+        return self._pfn.values(idx)[0], self._gen.values(idx)[0].astype(np.uint32)
+
+    def _set(self, lo: int, pfns: np.ndarray) -> None:
+        """File pages [lo, lo + len(pfns)) are now backed by the freshly allocated ``pfns``."""
+        keys = np.arange(lo, lo + len(pfns), dtype=np.int64)
+        self._pfn.assign_many(keys, pfns)
+        self._gen.assign_many(keys, self.host.memory.gens_of(pfns))
+
     def page(self, idx: int) -> tuple[int, int]:
-        if self.pfn[idx] < 0:
+        pfn = self._pfn.value(idx)
+        if pfn < 0:
             mem = self.host.memory
             if self.hugetlb:      # the whole huge page, physically contiguous and aligned
                 hp = self.huge_pages
                 b = idx - idx % hp
                 pfns = mem.alloc_block(hp, self.name)
-                self.pfn[b:b + hp] = pfns[:len(self.pfn[b:b + hp])]
-                self.gen[b:b + hp] = mem.gen[self.pfn[b:b + hp]]
+                self._set(b, pfns[:min(hp, self.npages - b)])
             else:
                 p = mem.alloc(self.name)
-                self.pfn[idx] = p
-                self.gen[idx] = mem.gen[p]
-        return int(self.pfn[idx]), int(self.gen[idx])
+                self._pfn.assign(idx, idx + 1, p)
+                self._gen.assign(idx, idx + 1, mem.gen_of(p))
+            pfn = self._pfn.value(idx)
+        return pfn, self._gen.value(idx)
 
     def prefault(self) -> None:
-        missing = np.flatnonzero(self.pfn < 0)
-        if not len(missing):
-            return
-        if self.hugetlb:
-            for idx in missing.tolist():
-                if self.pfn[idx] < 0:
+        missing = [(lo, hi) for lo, hi, v, _, _ in self._pfn.runs(0, self.npages) if v < 0]
+        if self.hugetlb:            # whole huge pages (missing ranges are made of them)
+            for lo, hi in missing:
+                for idx in range(lo, hi, self.huge_pages):
                     self.page(idx)
             return
+        # one allocation of every missing page, in file order (fresh pages as one run)
         mem = self.host.memory
-        pfns = mem.alloc_many(len(missing), self.name)
-        self.pfn[missing] = pfns
-        self.gen[missing] = mem.gen[pfns]
+        for lo, hi in missing:
+            first = mem.alloc_run(hi - lo, self.name)
+            if first is not None:
+                self._pfn.assign(lo, hi, first, 1)
+                self._gen.assign(lo, hi, 1)
+                continue
+            for a in range(lo, hi, CHUNK):
+                self._set(a, mem.alloc_many(min(CHUNK, hi - a), self.name))
 
     def close(self) -> None:
-        present = self.pfn[self.pfn >= 0]
-        if len(present):
-            self.host.memory.free_many(present)
-        self.pfn[:] = -1
+        mem = self.host.memory
+        for lo, hi, v, step, _ in list(self._pfn.runs(0, self.npages)):
+            if v < 0:
+                continue
+            if step == 1:
+                mem.free_run(v, hi - lo)
+                continue
+            for a in range(lo, hi, CHUNK):
+                n = min(CHUNK, hi - a)
+                mem.free_many(v + step * np.arange(a - lo, a - lo + n, dtype=np.int64))
+        self._pfn.assign(0, self.npages, -1)
         self.closed = True
 
 
@@ -103,9 +137,12 @@ class Vma(Resource):
     """A mapping and its host PTEs.  As a Resource it stands for the PTEs and their accessed
     bits: a fast-mode bulk faulting through it declares it, and host operations that change
     PTEs or read and clear accessed bits settle it first (``Mm._settle``).  Faults and
-    lookups do not: they commute with a bulk's reads of present PTEs and accessed-bit sets."""
+    lookups do not: they commute with a bulk's reads of present PTEs and accessed-bit sets.
 
-    __slots__ = ("start", "npages", "memfd", "pgoff", "pte", "pte_gen", "young", "writable")
+    The PTEs (PFN, -1 if none, and the generation of the page) and the accessed bits are
+    run maps over the mapping's pages (sim/runs.py)."""
+
+    __slots__ = ("start", "npages", "memfd", "pgoff", "_pte", "_gen", "_young", "writable")
 
     def __init__(self, start: int, npages: int, memfd: MemFd | None, pgoff: int, writable: bool):
         super().__init__()
@@ -113,10 +150,69 @@ class Vma(Resource):
         self.npages = npages
         self.memfd = memfd          # None: anonymous private memory
         self.pgoff = pgoff
-        self.pte = np.full(npages, -1, dtype=np.int64)   # host PTE: pfn or -1
-        self.pte_gen = np.zeros(npages, dtype=np.uint32)
-        self.young = np.zeros(npages, dtype=bool)
+        self._pte = RunMap(-1)      # host PTE: pfn or -1
+        self._gen = RunMap(0)
+        self._young = RunMap(0, affine=False)
         self.writable = writable
+
+    # ---- PTEs ----------------------------------------------------------------------------
+
+    def pte_at(self, i: int) -> tuple[int, int]:
+        """``(pfn, gen)`` of page ``i``'s PTE (pfn -1: none)."""
+        return self._pte.value(i), self._gen.value(i)
+
+    def ptes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """PFNs (-1: none) and generations of the PTEs of pages ``idx``."""
+        return self._pte.values(idx)[0], self._gen.values(idx)[0].astype(np.uint32)
+
+    def set_pte(self, i: int, pfn: int, gen: int) -> None:
+        self._pte.assign(i, i + 1, pfn)
+        self._gen.assign(i, i + 1, gen)
+
+    def map_file(self, i0: int, n: int) -> None:
+        """PTEs [i0, i0 + n) map the memfd's pages (present ones; the rest stay none)."""
+        src = self.pgoff + i0
+        for m, dst in ((self.memfd._pfn, self._pte), (self.memfd._gen, self._gen)):
+            for lo, hi, v, step, _ in list(m.runs(src, src + n)):
+                dst.assign(lo - src + i0, hi - src + i0, v, step)
+
+    def clear_ptes(self, i0: int, n: int, collect: bool) -> list[int]:
+        """PTEs [i0, i0 + n) become none and not young; returns the PFNs they mapped if
+        ``collect``."""
+        pfns: list[int] = []
+        for lo, hi, v, step, _ in list(self._pte.runs(i0, i0 + n)) if collect else ():
+            if v >= 0:
+                pfns += range(v, v + step * (hi - lo), step) if step else [v] * (hi - lo)
+        self._pte.assign(i0, i0 + n, -1)
+        self._young.assign(i0, i0 + n, 0)
+        return pfns
+
+    # ---- accessed bits -------------------------------------------------------------------
+
+    def young_at(self, i: int) -> bool:
+        return bool(self._young.value(i))
+
+    def set_young(self, idx, young: bool = True) -> None:
+        """The accessed bit of page ``idx`` (an index, or an array of them)."""
+        if isinstance(idx, (int, np.integer)):
+            self._young.assign(int(idx), int(idx) + 1, int(young))
+        else:
+            idx = np.asarray(idx, dtype=np.int64)
+            self._young.assign_many(idx, np.full(len(idx), int(young), dtype=np.int64))
+
+    def set_young_range(self, i0: int, n: int, young: bool = True) -> None:
+        self._young.assign(i0, i0 + n, int(young))
+
+    def young_ranges(self) -> list[tuple[int, int]]:
+        """The young pages, as [lo, hi) ranges."""
+        return [(lo, hi) for lo, hi, v, _, _ in self._young.runs(0, self.npages) if v]
+
+    def copy_from(self, other: "Vma", s: int) -> None:
+        """Take ``other``'s state for pages [s, s + npages) (a part split out of it)."""
+        for src, dst in ((other._pte, self._pte), (other._gen, self._gen),
+                         (other._young, self._young)):
+            for lo, hi, v, step, _ in list(src.runs(s, s + self.npages)):
+                dst.assign(lo - s, hi - s, v, step)
 
     @property
     def end(self) -> int:
@@ -213,29 +309,29 @@ class Mm:
         # no settle: a bulk only reads present PTEs and sets accessed bits, which commutes
         # with this (a missing PTE is never in a bulk's range)
         i = (hva - v.start) // PAGE
-        if v.pte[i] < 0:
+        pfn, gen = v.pte_at(i)
+        if pfn < 0:
             if v.memfd is not None:
                 pfn, gen = v.memfd.page(v.pgoff + i)
             else:
                 pfn = self.host.memory.alloc(f"anon@{self.name}")
-                gen = int(self.host.memory.gen[pfn])
-            v.pte[i] = pfn
-            v.pte_gen[i] = gen
+                gen = self.host.memory.gen_of(pfn)
+            v.set_pte(i, pfn, gen)
         self.mark_young(v, i)
-        return int(v.pte[i]), int(v.pte_gen[i])
+        return pfn, gen
 
     def mark_young(self, v: Vma, idx) -> None:
         """The Accessed bit of the PTEs ``idx`` (an index or an array) of ``v``, set by a
         fault (GUP); ``fault`` sets one, a bulk of faults many."""
-        v.young[idx] = True
+        v.set_young(idx)
 
     def lookup(self, hva: int) -> tuple[int, int] | None:
         """The current PTE at hva, without faulting."""
         v = self.find_vma(hva)
         if v is None:
             return None
-        i = (hva - v.start) // PAGE
-        return (int(v.pte[i]), int(v.pte_gen[i])) if v.pte[i] >= 0 else None
+        pfn, gen = v.pte_at((hva - v.start) // PAGE)
+        return (pfn, gen) if pfn >= 0 else None
 
     def prefault(self, hva: int, npages: int) -> None:
         """Touch every page (like the selftest writing one byte per page)."""
@@ -244,13 +340,11 @@ class Mm:
         self._settle(v, i0, i0 + npages)
         if v.memfd is not None:
             v.memfd.prefault()
-            idx = np.arange(v.pgoff + i0, v.pgoff + i0 + npages)
-            v.pte[i0:i0 + npages] = v.memfd.pfn[idx]
-            v.pte_gen[i0:i0 + npages] = v.memfd.gen[idx]
+            v.map_file(i0, npages)
         else:
             for i in range(i0, i0 + npages):
                 self.fault(v.start + i * PAGE, True)
-        v.young[i0:i0 + npages] = True
+        v.set_young_range(i0, npages)
 
     # ---- notifier plumbing --------------------------------------------------------------
 
@@ -272,11 +366,7 @@ class Mm:
 
     def _zap(self, v: Vma, i0: int, n: int) -> list[int]:
         """Clear host PTEs; returns anonymous PFNs to free after the range ends."""
-        ptes = v.pte[i0:i0 + n]
-        freed = ptes[ptes >= 0].tolist() if v.memfd is None else []
-        v.pte[i0:i0 + n] = -1
-        v.young[i0:i0 + n] = False
-        return freed
+        return v.clear_ptes(i0, n, collect=v.memfd is None)
 
     def _range(self, hva: int, npages: int) -> tuple[Vma, int]:
         v = self.find_vma(hva)
@@ -329,15 +419,14 @@ class Mm:
             ksm_pfn = mem.alloc("ksm")      # its first reference is this mapping's
         else:
             mem.get(ksm_pfn)                # one more mapping of the shared page
-        ksm_gen = int(mem.gen[ksm_pfn])
+        ksm_gen = mem.gen_of(ksm_pfn)
         rng = NotifierRange(hva, hva + PAGE, "clear")
         yield from self._start(th, rng)
         old = self._zap(v, i, 1)
         for ops in list(self.notifiers):
             yield self.host.costs.notifier_call
             yield from ops.change_pte(th, hva, ksm_pfn, ksm_gen, False)
-        v.pte[i] = ksm_pfn
-        v.pte_gen[i] = ksm_gen
+        v.set_pte(i, ksm_pfn, ksm_gen)
         yield from self._end(th, rng)
         if old:
             mem.put_many(np.array(old, dtype=np.int64))
@@ -349,8 +438,8 @@ class Mm:
         young = 0
         for i in range(i0, i0 + npages):
             a = hva + (i - i0) * PAGE
-            y = bool(v.young[i])
-            v.young[i] = False
+            y = v.young_at(i)
+            v.set_young(i, False)
             for ops in list(self.notifiers):
                 yield self.host.costs.notifier_call
                 if flush:
@@ -362,7 +451,7 @@ class Mm:
 
     def test_young(self, th: "Thread", hva: int) -> Generator:
         v, i = self._range(hva, 1)
-        y = bool(v.young[i])
+        y = v.young_at(i)
         for ops in list(self.notifiers):
             yield self.host.costs.notifier_call
             y |= bool((yield from ops.test_young(th, hva)))
@@ -390,12 +479,12 @@ class Mm:
         self.vmas.remove(v)
         if i0 > 0:
             head = Vma(v.start, i0, v.memfd, v.pgoff, v.writable)
-            head.pte[:], head.pte_gen[:], head.young[:] = v.pte[:i0], v.pte_gen[:i0], v.young[:i0]
+            head.copy_from(v, 0)
             self.vmas.append(head)
         tail_n = v.npages - i0 - n
         if tail_n > 0:
             s = i0 + n
             tail = Vma(v.start + s * PAGE, tail_n, v.memfd, v.pgoff + s, v.writable)
-            tail.pte[:], tail.pte_gen[:], tail.young[:] = v.pte[s:], v.pte_gen[s:], v.young[s:]
+            tail.copy_from(v, s)
             self.vmas.append(tail)
         self.vmas.sort(key=lambda x: x.start)

@@ -64,7 +64,7 @@ class PageTableStore(ABC):
     def alloc(self, gfn: int, role: int, ptep=None) -> ShadowPage:
         """Allocate an SP (the kernel takes it from the vCPU's memory cache), all entries 0."""
         pfn = self.mem.alloc(f"{self.name}:pt")
-        sp = ShadowPage(self._next_id, gfn, role, pfn, int(self.mem.gen[pfn]), ptep)
+        sp = ShadowPage(self._next_id, gfn, role, pfn, self.mem.gen_of(pfn), ptep)
         self._next_id += 1
         self._init_entries(sp)
         self.by_pfn[pfn] = sp

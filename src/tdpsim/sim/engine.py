@@ -164,7 +164,7 @@ class Engine:
     """The event loop.  ``granularity`` is 'exact' or 'fast' and is read by the layers above."""
 
     __slots__ = ("strategy", "trace", "granularity", "fast", "now", "current",
-                 "record_decisions", "decisions", "events", "_times", "_buckets", "_ids",
+                 "record_decisions", "decisions", "events", "bulks_started", "_times", "_buckets", "_ids",
                  "tasks", "timer_owner", "stopped", "check_settle")
 
     def __init__(self, strategy: Strategy | None = None, trace: Trace | None = None,
@@ -181,6 +181,8 @@ class Engine:
         #: every decision with > 1 choice, in order; read it through ``decision_log()``
         self.decisions: list[tuple] = []
         self.events = 0
+        #: fast-mode bulks started (a work figure: cost should grow with them, not pages)
+        self.bulks_started = 0
         #: the last ``run`` ended through ``stop()`` (not by running out of events or time)
         self.stopped = False
         self._times: list[int] = []
@@ -355,6 +357,7 @@ class Engine:
         bulk.task = task
         bulk.t0 = self.now
         task.bulk = bulk
+        self.bulks_started += 1
         for r in bulk.resources:
             r.bulks.append(bulk)
         self.schedule(task, self.now + bulk.steps.total, _BULK_END)

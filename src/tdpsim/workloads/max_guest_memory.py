@@ -45,8 +45,9 @@ GIB_PAGES = 1 << 18                 # 4 KiB pages per GiB
 FIRST_SLOT = 1
 POLL_NS = 100_000                   # the main thread's usleep(100)
 KVM_MAX_VCPUS = 1024                # x86, 5.17/5.18
-#: the largest backing region the simulator holds (host page arrays: ~20 bytes a page)
-MAX_SLOT_GIB = 512
+#: the largest memslot KVM takes (KVM_MEM_MAX_NR_PAGES, 2^31 - 1 pages): the backing
+#: region's host state is kept by runs (sim/runs.py), so the host holds any size up to it
+MAX_SLOT_GIB = KVM_MEM_MAX_NR_PAGES // GIB_PAGES
 MAX_MEM_GIB = 1 << 22               # 4 PiB, the architectural GPA limit (MAXPHYADDR 52)
 
 SCHEMA = "tdpsim.max-guest-memory/1"
@@ -110,11 +111,14 @@ def layout(cfg: MgmConfig) -> Layout:
                                   f"got {cfg.host_cpus}; or give -c")
     if not 1 <= nvcpus <= KVM_MAX_VCPUS:
         raise _bad("-c/--vcpus", f"expected 1..{KVM_MAX_VCPUS}, got {nvcpus}")
-    if not 1 <= cfg.max_mem_gib <= MAX_MEM_GIB:
-        raise _bad("-m/--max-mem", f"expected 1..{MAX_MEM_GIB} GiB, got {cfg.max_mem_gib}")
-    max_slot = min(MAX_SLOT_GIB, KVM_MEM_MAX_NR_PAGES // GIB_PAGES)
-    if not 1 <= cfg.slot_gib <= max_slot:
-        raise _bad("-s/--slot-size", f"expected 1..{max_slot} GiB, got {cfg.slot_gib}")
+    # the guest physical address space: 2^MAXPHYADDR bytes
+    gpa_gib = 1 << (cfg.maxphyaddr - 30)
+    if not 1 <= cfg.max_mem_gib <= gpa_gib:
+        raise _bad("-m/--max-mem", f"expected 1..{gpa_gib} GiB with --maxphyaddr "
+                                   f"{cfg.maxphyaddr}, got {cfg.max_mem_gib}")
+    if not 1 <= cfg.slot_gib <= MAX_SLOT_GIB:
+        raise _bad("-s/--slot-size", f"expected 1..{MAX_SLOT_GIB} GiB (KVM's largest "
+                                     f"memslot), got {cfg.slot_gib}")
     if cfg.slot_gib > cfg.max_mem_gib:
         raise _bad("-m/--max-mem", f"expected at least one memslot, -s/--slot-size "
                                    f"({cfg.slot_gib} GiB), got {cfg.max_mem_gib} GiB")
@@ -297,7 +301,8 @@ def _result(cfg, lay, pol, h, stamps, wall) -> dict:
         "findings": [f.as_dict() | {"excerpt": f.excerpt[-5:]} for f in h.findings],
         "verdict": h.checker.verdict(),
         "work": {"leaves_installed": tdp.leaves_installed,
-                 "leaves_zapped": tdp.leaves_zapped, "events": h.host.engine.events},
+                 "leaves_zapped": tdp.leaves_zapped, "events": h.host.engine.events,
+                 "bulks": h.host.engine.bulks_started},
         "wall": {"seconds": round(wall, 3), "peak_rss_mib": round(measure.peak_mib(), 1),
                  "spte_ops_per_s": round(ops / wall) if wall else 0},
     }
