@@ -43,8 +43,10 @@ def test_runmap_matches_per_key_model(affine, ops):
         m._check()
         assert affine or not any(m._step), "a constant map holds constant runs"
     assert [m.get(k) for k in range(KEYS + 2)] == ref
-    vals, idx = m.values(np.arange(KEYS + 2))
+    vals, idx = m.values(np.arange(KEYS + 2)), m.runs_of(np.arange(KEYS + 2))
     assert vals.tolist() == [v for v, _ in ref]
+    for lo in range(0, KEYS, 7):               # a few runs at a time, or one
+        assert m.values(np.arange(lo, lo + 3)).tolist() == [v for v, _ in ref[lo:lo + 3]]
     assert [m.tag_at(int(i)) for i in idx] == [t for _, t in ref]
     # runs() clipped to a window covers it exactly, with the same values
     got = []

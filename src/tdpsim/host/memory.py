@@ -57,14 +57,14 @@ class PageAllocator(Resource):
         return self._pages.value(pfn) >> 1
 
     def gens_of(self, pfns: np.ndarray) -> np.ndarray:
-        return (self._pages.values(pfns)[0] >> 1).astype(np.uint32)
+        return (self._pages.values(pfns) >> 1).astype(np.uint32)
 
     def state_of(self, pfn: int) -> int:
         """ALLOCATED or FREE."""
         return self._pages.value(pfn) & 1
 
     def states_of(self, pfns: np.ndarray) -> np.ndarray:
-        return self._pages.values(pfns)[0] & 1
+        return self._pages.values(pfns) & 1
 
     def owner_of(self, pfn: int) -> str | None:
         """Who allocated the page last (kept after it is freed)."""
@@ -155,7 +155,7 @@ class PageAllocator(Resource):
 
     def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
         """Bookkeeping shared by the bulk allocators: each page's generation goes up."""
-        v = self._pages.values(out)[0]
+        v = self._pages.values(out)
         self._pages.assign_many(out, (v & ~1) + 3, (1, owner))        # gen + 1, allocated
         self.allocated += len(out)
         self.allocs += len(out)
@@ -170,7 +170,8 @@ class PageAllocator(Resource):
             eng.assert_settled(self, None, None, False)
         pfns = np.asarray(pfns, dtype=np.int64)
         uniq, first, counts = np.unique(pfns, return_index=True, return_counts=True)
-        vals, run = self._pages.values(uniq)
+        vals = self._pages.values(uniq)
+        run = self._pages.runs_of(uniq)
         live = (vals & 1) == 1
         if not live.all() or (counts > 1).any():
             # a free page, or a page named twice in the batch, is a double free
@@ -225,7 +226,7 @@ class PageAllocator(Resource):
         if not len(pfns):
             return
         uniq, counts = np.unique(pfns, return_counts=True)
-        vals, _ = self._pages.values(uniq)
+        vals = self._pages.values(uniq)
         dead = (vals & 1) == 0
         if dead.any():
             self.free_many(uniq[dead], who)        # reports the double free
@@ -249,8 +250,15 @@ class PageAllocator(Resource):
 
     def live_mask(self, pfns: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """``is_live`` for many references at once (PFNs >= 0)."""
-        vals, _ = self._pages.values(pfns)
-        return vals == 2 * np.asarray(gens, dtype=np.int64) + 1
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if len(pfns):
+            # the usual case: the pages lie in one run (one table's leaves): one compare
+            v = self._pages.constant_over(int(pfns.min()), int(pfns.max()))
+            if v is not None:
+                if not v & 1:
+                    return np.zeros(len(pfns), dtype=bool)
+                return np.broadcast_to(np.asarray(gens) == v >> 1, pfns.shape).copy()
+        return self._pages.values(pfns) == 2 * np.asarray(gens, dtype=np.int64) + 1
 
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
         """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""

@@ -76,7 +76,7 @@ class MemFd:
 
     def pages(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Host PFNs (-1: none) and generations of file pages ``idx``."""
-        return self._pfn.values(idx)[0], self._gen.values(idx)[0].astype(np.uint32)
+        return self._pfn.values(idx), self._gen.values(idx).astype(np.uint32)
 
     def _set(self, lo: int, pfns: np.ndarray) -> None:
         """File pages [lo, lo + len(pfns)) are now backed by the freshly allocated ``pfns``."""
@@ -163,7 +163,7 @@ class Vma(Resource):
 
     def ptes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PFNs (-1: none) and generations of the PTEs of pages ``idx``."""
-        return self._pte.values(idx)[0], self._gen.values(idx)[0].astype(np.uint32)
+        return self._pte.values(idx), self._gen.values(idx).astype(np.uint32)
 
     def set_pte(self, i: int, pfn: int, gen: int) -> None:
         self._pte.assign(i, i + 1, pfn)

@@ -62,16 +62,41 @@ class RunMap:
                         np.array(self._step, dtype=np.int64))
         return self._np
 
-    def values(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Values of many keys (non-negative int64), and the index of each key's run (for
-        ``tag_at``)."""
-        st, ba, sp = self._arrays()
+    def values(self, keys: np.ndarray) -> np.ndarray:
+        """Values of many keys (non-negative int64)."""
         keys = np.asarray(keys, dtype=np.int64)
-        idx = np.searchsorted(st, keys, side="right") - 1
-        return ba[idx] + sp[idx] * (keys - st[idx]), idx
+        if not len(keys):
+            return keys.copy()
+        st = self._start
+        i = bisect_right(st, int(keys.min())) - 1
+        j = bisect_right(st, int(keys.max()))
+        if j - i == 1:                  # all in one run (the usual case: one table's pages)
+            return self._base[i] + self._step[i] * (keys - st[i])
+        if self._np is None and j - i <= 64:
+            # the map changed since the arrays were built: arrays of these runs only
+            sub = np.array(st[i:j], dtype=np.int64)
+            r = np.searchsorted(sub, keys, side="right") - 1
+            return np.array(self._base[i:j], dtype=np.int64)[r] + \
+                np.array(self._step[i:j], dtype=np.int64)[r] * (keys - sub[r])
+        sta, ba, sp = self._arrays()
+        r = np.searchsorted(sta, keys, side="right") - 1
+        return ba[r] + sp[r] * (keys - sta[r])
+
+    def constant_over(self, lo: int, hi: int) -> int | None:
+        """The value of keys [lo, hi] if they all lie in one run of step 0, else None."""
+        st = self._start
+        i = bisect_right(st, lo) - 1
+        if (i + 1 == len(st) or st[i + 1] > hi) and not self._step[i]:
+            return self._base[i]
+        return None
+
+    def runs_of(self, keys: np.ndarray) -> np.ndarray:
+        """The index of the run of each key (for ``tag_at``)."""
+        sta = self._arrays()[0]
+        return np.searchsorted(sta, np.asarray(keys, dtype=np.int64), side="right") - 1
 
     def tag_at(self, run: int) -> Any:
-        """The tag of run number ``run`` (as ``values`` returns them)."""
+        """The tag of run number ``run`` (as ``runs_of`` gives them)."""
         return self._tag[run]
 
     def runs(self, a: int, b: int) -> Iterator[tuple[int, int, int, int, Any]]:
@@ -118,13 +143,6 @@ class RunMap:
             return sp[i] if ba[i] + sp[i] * n_i == ba[i + 1] else None
         return None
 
-    def _join(self, i: int) -> None:
-        """Merge runs i and i + 1 if they can be one."""
-        step = self._join_step(i)
-        if step is not None:
-            self._step[i] = step
-            self._drop(i + 1, i + 2)
-
     def _drop(self, i: int, j: int) -> None:
         del self._start[i:j], self._base[i:j], self._step[i:j], self._tag[i:j]
 
@@ -134,6 +152,8 @@ class RunMap:
             return
         assert self.affine or not step, "a constant map takes constant runs"
         self._np = None
+        if b == a + 1 and self._grow_neighbour(a, value, tag):
+            return
         j = self._split(b)
         n = len(self._start)
         i = self._split(a)
@@ -141,10 +161,50 @@ class RunMap:
         # runs i .. j-1 become one
         self._drop(i + 1, j)
         self._base[i], self._step[i], self._tag[i] = value, step, tag
-        if i + 1 < len(self._start):
-            self._join(i)
-        if i > 0:
-            self._join(i - 1)
+        self._joins_at(i)
+
+    def _grow_neighbour(self, k: int, value: int, tag: Any) -> bool:
+        """Fast path of a one-key assignment (a page allocated or freed next to pages in
+        the same state): if key ``k`` is at an end of its run and the neighbour run on
+        that side continues to ``value``, move the boundary by one key.  False if not."""
+        st, ba, sp, tg = self._start, self._base, self._step, self._tag
+        i = bisect_right(st, k) - 1
+        last = i + 1 == len(st)
+        if st[i] == k and i and tg[i - 1] == tag and ba[i - 1] + sp[i - 1] * (k - st[i - 1]) \
+                == value:
+            if not last and st[i + 1] == k + 1:       # run i was just k: it goes
+                self._drop(i, i + 1)
+            else:
+                st[i] = k + 1
+                ba[i] += sp[i]
+            self._joins_at(i)
+            return True
+        if not last and st[i + 1] == k + 1 and tg[i + 1] == tag and \
+                ba[i + 1] - sp[i + 1] == value:
+            if st[i] == k:                              # run i was just k: it goes
+                self._drop(i, i + 1)
+                st[i], ba[i] = k, value
+                self._joins_at(i)
+            else:
+                st[i + 1], ba[i + 1] = k, value
+                self._joins_at(i + 1)
+            return True
+        return False
+
+    def _joins_at(self, i: int) -> None:
+        """Merge runs around run i where they can be one (after run i changed).  A one-key
+        run that merges takes a step, which may let the merged run join the next one, so
+        this repeats over the few runs around i until nothing merges."""
+        k = max(i - 2, 0)
+        while k < min(i + 2, len(self._start) - 1):
+            step = self._join_step(k)
+            if step is None:
+                k += 1
+                continue
+            self._step[k] = step
+            self._drop(k + 1, k + 2)
+            i -= 1
+            k = max(k - 1, 0)
 
     def assign_many(self, keys: np.ndarray, values: np.ndarray, tag: Any = None) -> None:
         """Each of ``keys`` (distinct) becomes its entry of ``values``, with ``tag``: one
