@@ -11,6 +11,7 @@ from tdpsim.mmu import spte as S
 from tdpsim.mmu.policy import Policy, preset
 from tdpsim.mmu.tdp_iter import TdpIter
 from tdpsim.workloads.vm import VmHarness
+from vmhelpers import linked_tables
 
 
 def pol(knob: str, on: bool) -> Policy:
@@ -47,7 +48,7 @@ def test_knob_deferred_flush():
     res = {}
     for on in (True, False):
         h = populated("deferred_flush", on)
-        sp = next(sp for sp in h.tdp.pages.values() if sp.level == 1)
+        sp = next(sp for sp in linked_tables(h) if sp.level == 1)
         before = h.kvm.stat["remote_tlb_flush_requests"]
 
         def zap(th):
@@ -205,9 +206,9 @@ def test_knob_leaf_only_range_zap():
     res = {}
     for on in (True, False):
         h = populated("leaf_only_range_zap", on, pages=512)
-        tables = len(h.tdp.pages)
+        tables = h.tdp.nr_pages
         in_thread(h, lambda th: h.arch.kvm_zap_gfn_range(th, h.slot_gfn(1), h.slot_gfn(1) + 512))
-        res[on] = (tables - len(h.tdp.pages), h.kvm.stat["pages_4k"])
+        res[on] = (tables - h.tdp.nr_pages, h.kvm.stat["pages_4k"])
     assert res[True] == (0, 0) and res[False][0] >= 1 and res[False][1] == 0
 
 
@@ -294,7 +295,7 @@ def test_knob_removed_spte_checks():
     res = {}
     for on in (True, False):
         h = populated("removed_spte_checks", on)
-        sp = next(sp for sp in h.tdp.pages.values() if sp.level == 1)
+        sp = next(sp for sp in linked_tables(h) if sp.level == 1)
         h.tdp.pt.write(sp, 7, S.REMOVED_SPTE)
 
         def racer(th):

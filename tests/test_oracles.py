@@ -15,7 +15,7 @@ from tdpsim.kvm.vm import IN_GUEST_MODE
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.tdp_iter import TdpIter
 from tdpsim.workloads.vm import VmHarness
-from vmhelpers import driver, one_shot, quiesce
+from vmhelpers import driver, linked_tables, one_shot, quiesce
 
 MS = 1_000_000
 
@@ -85,7 +85,7 @@ def leaf_it(h, root, gfn):
 
 
 def l1_table(h):
-    (sp,) = [sp for sp in h.tdp.pages.values() if sp.level == 1]
+    (sp,) = [sp for sp in linked_tables(h) if sp.level == 1]
     return sp
 
 

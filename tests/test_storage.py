@@ -12,6 +12,7 @@ import pytest
 from tdpsim.sim.trace import Trace
 from tdpsim.workloads.max_guest_memory import MgmConfig, run
 from test_fast_exact_vm import scenario
+from vmhelpers import linked_tables
 
 pytestmark = pytest.mark.usefixtures("settle_checker")
 
@@ -56,7 +57,7 @@ def test_populated_leaf_tables_stay_compact_until_an_entry_diverges():
     h = VmHarness(nvcpus=1, pages=2048, nslots=1, granularity="fast", storage="compressed")
     h.spawn_vcpu(h.vcpus[0], lambda th, v: v.run(th, TouchGuest(h.slot_gfn(1), 2048)))
     h.run()
-    leaf = [sp for sp in h.tdp.pages.values() if sp.level == 1]
+    leaf = [sp for sp in linked_tables(h) if sp.level == 1]
     assert len(leaf) == 4 and all(sp._spt is None for sp in leaf)     # compact: no arrays
     assert h.kvm.stat["pages_4k"] == 2048 and h.findings == []
     sp = leaf[1]

@@ -17,7 +17,7 @@ from tdpsim.mmu import spte as S
 from tdpsim.mmu import tdp_ops
 from tdpsim.mmu.tdp_iter import TdpIter, count_leaves, count_present, for_each_leaf
 from tdpsim.workloads.vm import VmHarness
-from vmhelpers import driver, one_shot, quiesce
+from vmhelpers import driver, linked_tables, one_shot, quiesce
 
 GIB_PAGES = 262144          # 4 KiB pages per 1 GiB
 
@@ -66,7 +66,7 @@ def leaves_of(h, root, g0, g1):
 
 
 def sps(h, level=None):
-    return [sp for sp in h.tdp.pages.values() if level is None or sp.level == level]
+    return [sp for sp in linked_tables(h) if level is None or sp.level == level]
 
 
 def warns(h):
@@ -299,7 +299,7 @@ def _defunct_root_zap(h, hammer=False):
         st["root"] = v.root
         st["present"] = count_present(h.tdp.pt, v.root)
         st["flush_req0"] = h.kvm.stat["remote_tlb_flush_requests"]
-        st["nsps"] = len(h.tdp.pages)
+        st["nsps"] = h.tdp.nr_pages
         yield from v.set_sregs_toggle_cr0_wp(th)
         if hammer:
             h.spawn(hammer_fn, "hammer")
@@ -337,7 +337,7 @@ def test_tdp_mmu_zap_root_issues_no_remote_flush():
     h.run()
     assert st["present"] > 512
     assert len([e for e in ev if e["kind"] == "sp_unlinked"]) == st["nsps"] == 3
-    assert h.tdp.pages == {} and h.kvm.stat["pages_4k"] == 0
+    assert h.tdp.nr_pages == 0 and h.kvm.stat["pages_4k"] == 0
     assert h.kvm.stat["remote_tlb_flush_requests"] == st["flush_req0"] == 0
     assert not [e for e in ev if e["kind"] == "remote_flush"]
     assert st["root"].freed and h.findings == []
@@ -374,11 +374,11 @@ def test_kvm_tdp_mmu_zap_leafs_zaps_leaves_keeps_tables_returns_flush():
 
     def fn(th):
         root = h.tdp.roots[0]
-        nsp, n4k = len(h.tdp.pages), h.kvm.stat["pages_4k"]
+        nsp, n4k = h.tdp.nr_pages, h.kvm.stat["pages_4k"]
         fr0 = h.kvm.stat["remote_tlb_flush_requests"]
         yield from h.kvm.mmu_lock.write_lock(th)
         st["ret"] = yield from h.tdp.kvm_tdp_mmu_zap_leafs(th, 0, g0 + 100, g0 + 200, True, False)
-        st["sp_delta"] = len(h.tdp.pages) - nsp
+        st["sp_delta"] = h.tdp.nr_pages - nsp
         st["4k_delta"] = h.kvm.stat["pages_4k"] - n4k
         st["in_range"] = count_leaves(h.tdp.pt, root, g0 + 100, g0 + 200)
         st["outside"] = count_leaves(h.tdp.pt, root, g0, g0 + 100) + \
@@ -442,7 +442,7 @@ def _zap_sp_scenario(h, pick, reader_ns=0):
             h.spawn(reader, "reader")
             yield from zap_now.wait(th)
         sp = st["sp"] = pick(h)
-        st["others"] = [s for s in h.tdp.pages.values() if s is not sp]
+        st["others"] = [s for s in linked_tables(h) if s is not sp]
         st["fr0"] = h.kvm.stat["remote_tlb_flush_requests"]
         st["4k0"] = h.kvm.stat["pages_4k"]
         yield from h.kvm.mmu_lock.write_lock(th)
@@ -469,7 +469,8 @@ def test_kvm_tdp_mmu_zap_sp_zaps_exactly_that_sp_and_its_children():
     assert st["ret"] is True and len(l1) == 2
     assert {id(e["sp"]) for e in ev} == {id(sp)} | {id(s) for s in l1}
     kept = [s for s in st["others"] if s.level > 2]
-    assert kept and all(not s.unlinked and s.id in h.tdp.pages for s in kept)
+    linked = {s.id for s in linked_tables(h)}
+    assert kept and all(not s.unlinked and s.id in linked for s in kept)
     assert h.kvm.stat["pages_4k"] == st["4k0"] - 1024 == 0
     parent, index = sp.ptep
     assert h.tdp.pt.read(parent, index) == 0
@@ -482,7 +483,8 @@ def test_kvm_tdp_mmu_zap_sp_zaps_one_leaf_table_leaves_siblings():
     st = _zap_sp_scenario(h, lambda h: next(s for s in sps(h, 1) if s.gfn == h.slot_gfn(2)))
     h.run()
     assert st["ret"] is True and [e["sp"] for e in ev] == [st["sp"]]
-    assert all(s.id in h.tdp.pages for s in st["others"])
+    linked = {s.id for s in linked_tables(h)}
+    assert all(s.id in linked for s in st["others"])
     assert h.kvm.stat["pages_4k"] == 512
     assert count_leaves(h.tdp.pt, h.tdp.roots[0], h.slot_gfn(1), h.slot_gfn(2)) == 512
     assert h.findings == []
@@ -918,9 +920,9 @@ def test_kvm_tdp_mmu_try_split_huge_pages_splits_2m_leaves_with_same_translation
     def fn(th):
         root = h.tdp.roots[0]
         st["huge"] = leaves_of(h, root, g0, g0 + 1024)
-        st["stats0"] = (h.kvm.stat["pages_2m"], h.kvm.stat["pages_4k"], len(h.tdp.pages))
+        st["stats0"] = (h.kvm.stat["pages_2m"], h.kvm.stat["pages_4k"], h.tdp.nr_pages)
         yield from _set_flags(h, th, 1, KVM_MEM_LOG_DIRTY_PAGES)
-        st["stats1"] = (h.kvm.stat["pages_2m"], h.kvm.stat["pages_4k"], len(h.tdp.pages))
+        st["stats1"] = (h.kvm.stat["pages_2m"], h.kvm.stat["pages_4k"], h.tdp.nr_pages)
         st["small"] = leaves_of(h, root, g0, g0 + 1024)
 
     driver(h, fn, populate(h))

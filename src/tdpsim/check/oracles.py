@@ -5,6 +5,8 @@ becomes a ``Finding``: its kind, the simulated time, the task, the details, and 
 of the events that led to it (the last ``EXCERPT`` observations and reports, kept in a ring
 buffer so the check stays cheap enough to leave on).
 
+Excerpts leave out guest accesses and page-table unlinks (``NOT_IN_EXCERPT``).
+
 Invariants checked, and where:
 
 * **stale translation**: when an mmu_notifier invalidation's start hook returns (KVM has
@@ -13,7 +15,8 @@ Invariants checked, and where:
   gfn (notifier, memslot deletion, kvm_zap_gfn_range) is a finding;
 * **page-table use after free**: a hardware walk or a software walk reading a freed table
   (reported by the walkers); a table freed before it was unlinked; a non-root table freed
-  while a vCPU in guest mode on that root has not flushed since the unlink;
+  while a vCPU in guest mode on that root has not flushed since the unlink (checked per
+  batch for tables a compressed store freed as a run, per table where it fails);
 * **host page use after free**: an A/D write-back or a guest access to a freed page
   (reported by the host allocator);
 * **roots**: refcount underflow, a root freed twice, an invalid root gaining an SPTE, a
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
     from ..kvm.vm import Kvm
 
 EXCERPT = 24
+#: observations kept out of excerpts: guest accesses (one per access) and page-table
+#: unlinks (one per table, 512 per 1 GiB torn down: they would fill every excerpt)
+NOT_IN_EXCERPT = frozenset({"guest_accesses", "sp_unlinked", "sps_unlinked"})
 
 #: host report kinds that are findings (the rest are monitor material)
 FINDING_REPORTS = {"warn", "use_after_free", "double_free", "refcount_underflow",
@@ -91,7 +97,7 @@ class Checker:
 
     def _on_observe(self, kind: str, **f) -> None:
         t = f.get("t", self.host.engine.now)
-        if kind != "guest_accesses":
+        if kind not in NOT_IN_EXCERPT and kind != "sps_freed":   # the latter: per table
             self.recent.append(("kvm", t, kind, f.get("task") or _name(f.get("vcpu"))))
         handler = getattr(self, "_on_" + kind, None)
         if handler is not None:
@@ -173,11 +179,29 @@ class Checker:
             return
         if sp.is_root:
             return
+        self._freed_before_flush(sp.id, sp.level, sp.root, sp.unlink_t)
+
+    def _freed_before_flush(self, sp_id: int, level: int, root, unlink_t: int) -> None:
         for v in self.kvm.vcpus:
-            if v.mode == IN_GUEST_MODE and v.root is sp.root and \
-                    v.tlb.last_flush_t < sp.unlink_t:
-                self._find("pt_freed_before_flush", v.name, sp=sp.id, level=sp.level,
-                           unlinked=sp.unlink_t)
+            if v.mode == IN_GUEST_MODE and v.root is root and \
+                    v.tlb.last_flush_t < unlink_t:
+                self._find("pt_freed_before_flush", v.name, sp=sp_id, level=level,
+                           unlinked=unlink_t)
+
+    def _on_sps_freed(self, tables, t: int, **_) -> None:
+        """The frees of a batch of tables unlinked together (a run), in order: the checks
+        of ``sp_freed`` for each (each unlinked; freed after every vCPU running on their
+        root flushed), per table only where one fails."""
+        vs = [v for v in self.kvm.vcpus if v.mode == IN_GUEST_MODE and v.root is tables.root]
+        flushed = min((v.tlb.last_flush_t for v in vs), default=None)
+        if flushed is None or flushed >= int(tables.unlink_t.max()):
+            for _ in range(min(tables.n, EXCERPT)):
+                self.recent.append(("kvm", t, "sp_freed", None))
+            return
+        for k in range(tables.n):
+            self.recent.append(("kvm", t, "sp_freed", None))
+            self._freed_before_flush(tables.id0 + k, tables.level, tables.root,
+                                     int(tables.unlink_t[k]))
 
     # ---- roots ------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ Accelerated loops:
 
 * ``vcpu_run``: the vCPU run loop while the guest touches memory (populate.py);
 * ``tdp_mmu_zap_leafs``, ``wrprot_gfn_range``, ``clear_dirty_gfn_range``: the rest of a
-  4 KiB table of a leaf walk (leaf_walk.py).
+  4 KiB table of a leaf walk (leaf_walk.py);
+* ``handle_removed_kids``: handle_removed_pt's loop over the children of a removed table,
+  for children a compressed store keeps as a run (teardown.py).
 
 How to add one: docs/design-notes.md, "how to add a fast path".
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import leaf_walk
+from . import leaf_walk, teardown
 from .populate import Populate
 
 if TYPE_CHECKING:
@@ -35,3 +37,4 @@ def install(kvm: "Kvm") -> None:
     kvm.accel["vcpu_run"] = Populate(kvm).run_bulk
     for loop in leaf_walk.LOOPS:
         kvm.accel[loop] = leaf_walk.make(kvm.arch.tdp, loop)
+    kvm.accel["handle_removed_kids"] = teardown.make(kvm.arch.tdp)

@@ -333,11 +333,11 @@ class _Plan:
         # fault phase 2: tables, leaves (mmu_lock read taken and dropped each time)
         kvm.mmu_lock.account_uncontended_reads(nb)
         role1 = make_role(1, self.slot.as_id, bool(self.root.role & ROLE_CR0_WP))
-        tables = dict(self.leaf_tables)
-        for pde, j in sorted(self.alloc_page.items(), key=lambda x: x[1]):
-            if b_done[j]:
-                tables[pde] = tdp.install_table(self.l2, pde, int(gfns[j]) & ~511, role1)
+        new = [pde for pde, j in sorted(self.alloc_page.items(), key=lambda x: x[1])
+               if b_done[j]]
         segs = list(zip(self.seg_pde.tolist(), self.seg_lo.tolist(), self.seg_hi.tolist()))
+        full, full_at = [], []  # new tables filled whole: installed with their leaves
+        rest = []           # (table, entries, leaves) installed into an existing SP
         if nb:
             sel = np.flatnonzero(b_done)
             vals = S.make_4k_sptes(self.pfns[sel], writable=not self.slot.readonly)
@@ -345,13 +345,26 @@ class _Plan:
             ii = gfns[sel] & 511
             # the installed pages of each table are one run of ``sel``
             cuts = np.searchsorted(sel, self.seg_lo).tolist() + [len(sel)]
+            fresh = set(new)
             for s_i, (pde, _lo, _hi) in enumerate(segs):
                 a, b = cuts[s_i], cuts[s_i + 1]
                 if a == b:
                     continue
                 i0, i1 = int(ii[a]), int(ii[b - 1]) + 1
+                if pde in fresh and b - a == S.SPTE_ENTRIES:
+                    full.append(pde)
+                    full_at.append(a)
+                    continue
                 at = slice(i0, i1) if i1 - i0 == b - a else ii[a:b]   # contiguous: a slice
-                tdp.install_leaves(tables[pde], i0, i1, at, vals[a:b], gens[a:b])
+                rest.append((pde, i0, i1, at, vals[a:b], gens[a:b]))
+        table_pfn = {pde: sp.pfn for pde, sp in self.leaf_tables.items() if sp is not None}
+        if new:
+            rows = np.asarray(full_at, dtype=np.int64)[:, None] + np.arange(S.SPTE_ENTRIES)
+            leaves = (full, vals[rows], gens[rows]) if full else None
+            table_pfn.update(zip(new, tdp.install_tables(self.l2, new, role1, leaves)))
+        for pde, i0, i1, at, v, g in rest:
+            sp = self.leaf_tables[pde] or tdp.pt.lookup(table_pfn[pde])
+            tdp.install_leaves(sp, i0, i1, at, v, g)
         # accesses (the retried access of a fault, or the one access of a present page)
         tlb = vcpu.tlb
         tlb.count_misses(na + npages)
@@ -362,7 +375,8 @@ class _Plan:
                 sel = np.flatnonzero(pres[lo_j:hi_j]) + lo_j
                 if len(sel):
                     ii = gfns[sel] & 511
-                    tdp.pt.set_bits(tables[pde], ii, int(ii[0]), int(ii[-1]) + 1, bits)
+                    tdp.pt.set_bits(self.leaf_tables[pde], ii, int(ii[0]), int(ii[-1]) + 1,
+                                    bits)
         # PDE cache: one fill per region, at the first walk that passes its level-2 entry
         # (the region's first access if its table existed, else the access retried after
         # the fault that created it)
@@ -373,7 +387,7 @@ class _Plan:
                 continue
             walked = done[lo_j] >= 1 if self.leaf_tables[pde] is not None else done[lo_j] == 3
             if walked:
-                tlb.psc_fill(2, int(gfns[lo_j]), tables[pde].pfn)
+                tlb.psc_fill(2, int(gfns[lo_j]), table_pfn[pde])
         if npages:
             self._accessed(vcpu, npages)
         self.guest.advance(npages)

@@ -260,6 +260,15 @@ class PageAllocator(Resource):
                 return np.broadcast_to(np.asarray(gens) == v >> 1, pfns.shape).copy()
         return self._pages.values(pfns) == 2 * np.asarray(gens, dtype=np.int64) + 1
 
+    def first_dead(self, first: int, n: int, gen: int) -> int:
+        """How many of the pages first, first + 1, ... (n at most) are live with
+        generation ``gen`` before the first that is not (n if all are)."""
+        want = 2 * gen + 1
+        for lo, _hi, v, _, _ in self._pages.runs(first, first + n):
+            if v != want:
+                return lo - first
+        return n
+
     def check(self, pfn: int, gen: int, who=None, what: str = "access") -> bool:
         """Validate a reference ``(pfn, gen)``; report a use after free if it is stale."""
         if self.is_live(pfn, gen):

@@ -14,22 +14,27 @@ Model (tree RCU reduced to what the TDP MMU relies on):
   still holding it up is reported (CPU, task, what it was doing, how long it has been inside).
   One report per GP.
 
-Read-side sections are not Resources: bulk loops never enter or leave one mid-bulk.
+Read-side sections are not Resources: bulk loops never enter or leave one mid-bulk.  The
+callback queues are: a bulk that queues callbacks (a run of page tables torn down)
+declares ``Rcu``, and whatever queues a callback, waits for one, or starts or ends a grace
+period settles it first, so callbacks keep exact mode's order and grace periods.  A queue
+entry may stand for ``n`` callbacks of one batch (``call_rcu(fn, n)``), counted as n.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Generator
 
-from ..sim.engine import Task
+from ..sim.engine import Resource, Task
 
 if TYPE_CHECKING:
     from .host import Host
     from .sched import Thread
 
 
-class Rcu:
+class Rcu(Resource):
     def __init__(self, host: "Host"):
+        super().__init__()
         self.host = host
         self.engine = host.engine
         self.gp_min = host.costs.rcu_gp_min
@@ -40,8 +45,10 @@ class Rcu:
         self.gp_start = 0
         self._holdouts: dict[int, "Thread"] = {}
         self._min_elapsed = False
-        self._cur: list[Callable[[], None]] = []    # callbacks the running GP will invoke
-        self._next: list[Callable[[], None]] = []   # callbacks for the GP after
+        #: (callback, how many callbacks it stands for): those the running GP will invoke,
+        #: and those for the GP after
+        self._cur: list[tuple[Callable[[], None], int]] = []
+        self._next: list[tuple[Callable[[], None], int]] = []
         self._waiters: list[tuple[int, "Thread"]] = []  # (gp number to wait for, thread)
         self.owner = Task(self.engine.new_id(), "rcu")
         self.stalls: list[dict] = []
@@ -73,15 +80,26 @@ class Rcu:
 
     # ---- grace periods ------------------------------------------------------------------
 
-    def call_rcu(self, fn: Callable[[], None]) -> None:
-        """Invoke ``fn()`` after a full grace period."""
-        self._next.append(fn)
+    def _settle(self) -> None:
+        """Settle bulks that queue callbacks (before the queues are read or changed)."""
+        eng = self.engine
+        if self.bulks:
+            eng.settle(self)
+        if eng.check_settle:
+            eng.assert_settled(self, None, None, False)
+
+    def call_rcu(self, fn: Callable[[], None], n: int = 1) -> None:
+        """Invoke ``fn()`` after a full grace period (``n``: it stands for that many
+        callbacks queued back to back, e.g. the frees of a run of page tables)."""
+        self._settle()
+        self._next.append((fn, n))
         if not self.gp_running:
             self._start_gp()
 
     def synchronize_rcu(self, th: "Thread") -> Generator:
         """Block until a full grace period has elapsed after the call."""
         # a GP already running may have started before us: wait for the next one
+        self._settle()
         target = self.gp_seq + (2 if self.gp_running else 1)
         self._waiters.append((target, th))
         if not self.gp_running:
@@ -90,6 +108,7 @@ class Rcu:
 
     def rcu_barrier(self, th: "Thread") -> Generator:
         """Block until every callback queued before the call has been invoked."""
+        self._settle()
         if self._next:
             target = self.gp_seq + (2 if self.gp_running else 1)
         elif self._cur:
@@ -122,15 +141,16 @@ class Rcu:
 
     def _end_gp(self) -> None:
         eng = self.engine
+        self._settle()
         self.gp_seq += 1
         self.gp_running = False
         if eng.trace is not None:
             eng.trace.emit(eng.now, "rcu_gp_end", None, gp=self.gp_seq,
-                           callbacks=len(self._cur))
+                           callbacks=sum(n for _, n in self._cur))
         cbs, self._cur = self._cur, []
-        for fn in cbs:
+        for fn, n in cbs:
             fn()
-        self.callbacks_invoked += len(cbs)
+            self.callbacks_invoked += n
         still = []
         for target, th in self._waiters:
             if target <= self.gp_seq:

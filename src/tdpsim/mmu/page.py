@@ -6,7 +6,8 @@ fields the TDP MMU uses: ``gfn``, ``role`` (a word with ``level``, ``invalid`` a
 address space), the root refcount ``tdp_mmu_root_count``, ``ptep`` (the parent entry, None
 for roots), and the NX-recovery link.  The entries themselves, and the model-only
 generation of the host page each leaf maps, belong to the page-table store (store.py),
-which allocates, looks up and frees SPs; ``_spt`` / ``_gens`` are its private slots.
+which allocates, looks up and frees SPs; ``_spt`` / ``_gens`` / ``_kids`` are its private
+slots.
 
 An SP is a Resource whose keys are its entry indices: fast-mode bulks that read or write
 entries declare them, and the store settles them before it touches those entries.
@@ -30,7 +31,7 @@ def make_role(level: int, as_id: int = 0, cr0_wp: bool = True) -> int:
 
 
 class ShadowPage(Resource):
-    __slots__ = ("_spt", "_gens", "gfn", "role", "level", "tdp_mmu_root_count", "ptep", "pfn",
+    __slots__ = ("_spt", "_gens", "_kids", "gfn", "role", "level", "tdp_mmu_root_count", "ptep", "pfn",
                  "pgen", "lpage_disallowed", "freed", "unlinked", "unlink_t", "work", "id",
                  "zapped_by", "root", "__weakref__")
 

@@ -25,11 +25,14 @@ docs/design-notes.md, "how to add a storage").
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..host.memory import POISON
+from ..sim.engine import Resource
+from ..sim.runs import RunMap
 from . import spte as S
 from .page import ShadowPage
 from .tdp_iter import TdpIter
@@ -73,6 +76,50 @@ class PageTableStore(ABC):
         if self.live > self.peak:
             self.peak = self.live
         return sp
+
+    def alloc_tables(self, parent: ShadowPage, idx: list[int], role: int,
+                     full: "tuple[list[int], np.ndarray, np.ndarray] | None" = None
+                     ) -> list[int]:
+        """Allocate a table for each entry ``idx`` (ascending) of ``parent`` and link it
+        there (a non-leaf SPTE), as that many ``alloc`` and ``write`` calls would, in that
+        order.  ``full = (indices, SPTEs, generations)``: the tables at those indices (a
+        subset of ``idx``, ascending) get all 512 entries at once, row by row of the two
+        (n, 512) arrays.  Returns the tables' PFNs.  A layout may keep full tables as
+        records instead of SPs (``lookup`` then makes the SP of one when asked for it);
+        ids, PFNs and contents are the same either way."""
+        rows = {i: r for r, i in enumerate(full[0])} if full else {}
+        pfns = []
+        for i in idx:
+            sp = self.alloc(parent.gfn_of(i), role, (parent, i))
+            self.write(parent, i, S.make_nonleaf_spte(sp.pfn), 0)
+            r = rows.get(i)
+            if r is not None:
+                self.write_many(sp, 0, S.SPTE_ENTRIES, slice(0, S.SPTE_ENTRIES), full[1][r],
+                                full[2][r])
+            pfns.append(sp.pfn)
+        return pfns
+
+    def removable_children(self, parent: ShadowPage, old: np.ndarray, idx: list[int],
+                           pos: int) -> list:
+        """For an accelerated handle_removed_pt of ``parent`` (frozen; its old entries
+        ``old``): the children at entries idx[pos], idx[pos] + 1, ... (consecutive in
+        ``idx``), in order, as long as each is a plain full leaf table: 512 present leaves,
+        none frozen, nothing pending on it, not on the NX list.  Pieces: an SP, or
+        ``(KidRun, count)`` for tables a layout keeps as a run (``alloc_tables``)."""
+        out = []
+        n = 0
+        while pos + n < len(idx) and idx[pos + n] == idx[pos] + n:
+            sp = self.by_pfn.get(S.spte_to_pfn(int(old[idx[pos + n]])))
+            if not self._plain_full(sp):
+                break
+            out.append(sp)
+            n += 1
+        return out
+
+    def _plain_full(self, sp: ShadowPage | None) -> bool:
+        return (sp is not None and sp.level == 1 and not sp.freed and not sp.unlinked
+                and not sp.bulks and not sp.lpage_disallowed
+                and self.count_present(sp) == S.SPTE_ENTRIES)
 
     def lookup(self, pfn: int) -> ShadowPage | None:
         """The SP living at ``pfn`` (None if that page is not a live page table)."""
@@ -301,6 +348,66 @@ class DenseStore(PageTableStore):
         return old, sp._gens
 
 
+@dataclass(frozen=True)
+class TableBatch:
+    """Leaf tables unlinked together from a run (``CompactStore.detach_kids``): ids
+    ``id0 ..``, PFNs ``pfn0 + k * dpfn``, each unlinked at ``unlink_t[k]``, under ``root``.
+    What their RCU callback frees and what the oracles check then."""
+
+    id0: int
+    n: int
+    pfn0: int
+    dpfn: int
+    unlink_t: np.ndarray
+    root: ShadowPage
+    level: int = 1
+
+
+class KidRun(Resource):
+    """Leaf tables kept as one record by ``CompactStore``: the children of ``parent``
+    entries [lo, hi), each full (512 present 4 KiB leaves of consecutive host pages).
+
+    The child of entry ``lo + k`` is the SP with id ``id0 + k`` at PFN ``pfn0 + k * dpfn``
+    (dpfn is +1 or -1: pages taken in a row from the allocator), generation ``pgen``, whose
+    entry j is ``base0 + k * dbase + j * STEP`` with generation ``lgen``.  While linked,
+    the run sits in ``parent._kids``; once its tables are unlinked (``detach_kids``) it is
+    a detached run: entries REMOVED, unlink time of each table in ``unlink_t``, waiting for
+    its RCU callback.  As a Resource it stands for its tables: a bulk that tears them down
+    declares it, and making an SP of one of them (``lookup``) settles that bulk first."""
+
+    __slots__ = ("parent", "lo", "hi", "id0", "pfn0", "dpfn", "pgen", "base0", "dbase",
+                 "lgen", "role", "unlink_t")
+
+    def __init__(self, parent, lo, hi, id0, pfn0, dpfn, pgen, base0, dbase, lgen, role,
+                 unlink_t=None):
+        super().__init__()
+        self.parent, self.lo, self.hi, self.id0 = parent, lo, hi, id0
+        self.pfn0, self.dpfn, self.pgen = pfn0, dpfn, pgen
+        self.base0, self.dbase, self.lgen, self.role = base0, dbase, lgen, role
+        #: None while linked; then the unlink time of each table (np.int64 array)
+        self.unlink_t: np.ndarray | None = unlink_t
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+    def pfn_range(self) -> tuple[int, int]:
+        """[first, last + 1) of the tables' PFNs."""
+        last = self.pfn0 + (self.n - 1) * self.dpfn
+        return min(self.pfn0, last), max(self.pfn0, last) + 1
+
+    def part(self, k0: int, k1: int, unlink_t=None) -> "KidRun":
+        """Tables k0 .. k1 - 1 of this run, as a run of their own."""
+        return KidRun(self.parent, self.lo + k0, self.lo + k1, self.id0 + k0,
+                      self.pfn0 + k0 * self.dpfn, self.dpfn, self.pgen,
+                      self.base0 + k0 * self.dbase, self.dbase, self.lgen, self.role,
+                      unlink_t)
+
+    def __repr__(self) -> str:
+        state = "linked" if self.unlink_t is None else "detached"
+        return f"<kids sp#{self.parent.id}[{self.lo}:{self.hi}] {state}>"
+
+
 class CompactStore(PageTableStore):
     """Leaf tables as one affine run over a constant background; other tables dense.
 
@@ -313,17 +420,233 @@ class CompactStore(PageTableStore):
     in the middle) turns the table dense (``_spt`` / ``_gens`` arrays), for good.  Upper
     levels are always dense.  Every read answers exactly what ``DenseStore`` would.
 
-    Memory per compact table: the header and one tuple instead of 6 KiB of arrays."""
+    Memory per compact table: the header and one tuple instead of 6 KiB of arrays.
+
+    Runs of tables: full leaf tables that ``alloc_tables`` links in a row, with PFNs taken
+    in a row and leaves continuing from one table to the next, have no SP at all: a
+    ``KidRun`` record in their parent (``_kids``) stands for them, and ``_virt`` maps each
+    of their PFNs to (parent index, run).  ``lookup`` of such a PFN makes the SP, exactly
+    as ``DenseStore`` holds it (id, PFN, generation, entries; unlinked and frozen for a
+    detached run), and takes it out of its run.  Tearing a run down (``detach_kids``) and
+    freeing it (``free_kids``) cost per run, not per table."""
 
     STEP = 1 << S.PFN_SHIFT            # consecutive 4 KiB host pages
 
+    def __init__(self, host: "Host", name: str = "kvm"):
+        super().__init__(host, name)
+        #: PFN -> (index in the parent, KidRun) of every table kept in a run
+        self._virt = RunMap(-1, None)
+
     def _init_entries(self, sp: ShadowPage) -> None:
+        sp._kids = None
         if sp.level == 1:
             sp._spt = None
             sp._gens = (0, 0, 0, 0, 0, 0)     # the compact form (see the class doc)
         else:
             sp._spt = np.zeros(S.SPTE_ENTRIES, dtype=np.uint64)
             sp._gens = np.zeros(S.SPTE_ENTRIES, dtype=np.uint32)
+
+    # ---- runs of tables ------------------------------------------------------------------
+
+    def alloc_tables(self, parent: ShadowPage, idx: list[int], role: int,
+                     full: "tuple[list[int], np.ndarray, np.ndarray] | None" = None
+                     ) -> list[int]:
+        if parent.level != 2 or not full or not len(full[0]):
+            return super().alloc_tables(parent, idx, role, full)
+        n = len(idx)
+        pfns = self.mem.alloc_many(n, f"{self.name}:pt")
+        pgens = self.mem.gens_of(pfns).astype(np.int64)
+        id0 = self._next_id
+        self._next_id += n
+        self.allocated += n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        ia = np.asarray(idx, dtype=np.int64)
+        fidx, fs, fg = full
+        row = np.full(n, -1, dtype=np.int64)
+        row[np.searchsorted(ia, np.asarray(fidx, dtype=np.int64))] = np.arange(len(fidx))
+        # a full table can join a run if its 512 leaves are one run of consecutive pages
+        first = fs[:, 0]
+        one_run = (first != 0) & (first != _REMOVED) & (fg == fg[:, :1]).all(axis=1) & \
+            (np.diff(fs, axis=1) == U64(self.STEP)).all(axis=1)
+        ok = row >= 0
+        ok[ok] = one_run[row[ok]]
+        base = np.zeros(n, dtype=np.uint64)
+        lgen = np.zeros(n, dtype=np.int64)
+        base[ok], lgen[ok] = first[row[ok]], fg[row[ok], 0]
+        # runs: tables k-1, k in one run if both can, at entries, PFNs (+-1) and
+        # generations in a row; a change of PFN or leaf step starts a new run too
+        dp = np.diff(pfns)
+        db = np.diff(base)                  # uint64: wraps, compared for equality only
+        pair = ok[1:] & ok[:-1] & (np.diff(ia) == 1) & (np.abs(dp) == 1) & \
+            (np.diff(pgens) == 0) & (np.diff(lgen) == 0)
+        cut = ~pair
+        cut[1:] |= pair[:-1] & ((dp[1:] != dp[:-1]) | (db[1:] != db[:-1]))
+        starts = [0, *(np.flatnonzero(cut) + 1).tolist(), n]
+        pl, gl, bl = pfns.tolist(), pgens.tolist(), base.tolist()
+        for s0, s1 in zip(starts, starts[1:]):
+            if ok[s0]:
+                m = s1 - s0
+                kr = KidRun(parent, idx[s0], idx[s0] + m, id0 + s0, pl[s0],
+                            pl[s0 + 1] - pl[s0] if m > 1 else 1, gl[s0], bl[s0],
+                            bl[s0 + 1] - bl[s0] if m > 1 else 0, int(lgen[s0]), role)
+                self._add_kids(kr)
+                continue
+            for k in range(s0, s1):             # (one table: a cut on each side)
+                sp = ShadowPage(id0 + k, parent.gfn_of(idx[k]), role, pl[k], gl[k],
+                                (parent, idx[k]))
+                self._init_entries(sp)
+                self.by_pfn[pl[k]] = sp
+                if row[k] >= 0:
+                    self.write_many(sp, 0, S.SPTE_ENTRIES, slice(0, S.SPTE_ENTRIES),
+                                    fs[row[k]], fg[row[k]])
+        # the parent's entries, a stretch of consecutive ones at a time
+        ents = U64(S.make_nonleaf_spte(0)) | (pfns.astype(np.uint64) << U64(S.PFN_SHIFT))
+        brk = [0, *(np.flatnonzero(np.diff(ia) != 1) + 1).tolist(), n]
+        for s0, s1 in zip(brk, brk[1:]):
+            self.write_many(parent, idx[s0], idx[s1 - 1] + 1, slice(idx[s0], idx[s1 - 1] + 1),
+                            ents[s0:s1], 0)
+        return pl
+
+    def _add_kids(self, kr: KidRun) -> None:
+        """Link a new run into its parent's list (ordered by entry) and into ``_virt``."""
+        parent = kr.parent
+        if parent._kids is None:
+            parent._kids = []
+        kids = parent._kids
+        at = next((j for j, o in enumerate(kids) if o.lo > kr.lo), len(kids))
+        kids.insert(at, kr)
+        self._tag(kr)
+
+    def _tag(self, kr: KidRun) -> None:
+        """Point ``_virt`` at ``kr`` for its PFNs."""
+        a, b = kr.pfn_range()
+        if kr.dpfn > 0:
+            self._virt.assign(a, b, kr.lo, 1, kr)
+        else:
+            self._virt.assign(a, b, kr.hi - 1, -1, kr)
+
+    def _kid_run_at(self, parent: ShadowPage, i: int) -> KidRun | None:
+        for kr in parent._kids or ():
+            if kr.lo <= i < kr.hi:
+                return kr
+        return None
+
+    def removable_children(self, parent: ShadowPage, old: np.ndarray, idx: list[int],
+                           pos: int) -> list:
+        out = []
+        n = 0
+        while pos + n < len(idx) and idx[pos + n] == idx[pos] + n:
+            i = idx[pos + n]
+            kr = self._kid_run_at(parent, i)
+            if kr is not None:                  # linked runs hold full, plain tables
+                c = 1
+                while pos + n + c < len(idx) and idx[pos + n + c] == i + c and i + c < kr.hi:
+                    c += 1
+                if kr.lo != i:      # (cannot happen: children go in order, off the front)
+                    break
+                out.append((kr, c))
+                n += c
+                continue
+            sp = self.by_pfn.get(S.spte_to_pfn(int(old[i])))
+            if not self._plain_full(sp):
+                break
+            out.append(sp)
+            n += 1
+        return out
+
+    def lookup(self, pfn: int) -> ShadowPage | None:
+        sp = self.by_pfn.get(pfn)
+        if sp is None and len(self._virt) > 1:
+            i, kr = self._virt.get(pfn)
+            if kr is not None:
+                if kr.bulks:                # a teardown of the run: settle it first
+                    self.engine.settle(kr)
+                    i, kr = self._virt.get(pfn)
+                if self.checking:
+                    self.engine.assert_settled(kr, None, None, False)
+                sp = self._materialize(kr, i)
+        return sp
+
+    def child(self, spte: int) -> ShadowPage | None:
+        return self.lookup(S.spte_to_pfn(spte))
+
+    def _materialize(self, kr: KidRun, i: int) -> ShadowPage:
+        """The SP of table ``kr.lo + k`` (entry i of the parent), taken out of its run."""
+        k = i - kr.lo
+        pfn = kr.pfn0 + k * kr.dpfn
+        sp = ShadowPage(kr.id0 + k, kr.parent.gfn_of(i), kr.role, pfn, kr.pgen,
+                        (kr.parent, i))
+        self._init_entries(sp)
+        if kr.unlink_t is None:
+            sp._gens = (0, S.SPTE_ENTRIES, kr.base0 + k * kr.dbase, self.STEP, kr.lgen, 0)
+        else:
+            sp._gens = (0, S.SPTE_ENTRIES, S.REMOVED_SPTE, 0, kr.lgen, S.REMOVED_SPTE)
+            sp.unlinked = True
+            sp.unlink_t = int(kr.unlink_t[k])
+        self.by_pfn[pfn] = sp
+        # what is left of the run: tables [0, k) stay in kr, [k + 1, n) form a new run
+        n = kr.n
+        right = kr.part(k + 1, n, None if kr.unlink_t is None else kr.unlink_t[k + 1:]) \
+            if k + 1 < n else None
+        kr.hi = kr.lo + k
+        if kr.unlink_t is not None:
+            kr.unlink_t = kr.unlink_t[:k]
+        self._virt.assign(pfn, pfn + 1, -1)
+        if right is not None:
+            self._tag(right)
+        if kr.unlink_t is None:         # a linked run: its parent's list changes
+            kids = kr.parent._kids
+            at = kids.index(kr)
+            kids[at:at + 1] = [r for r in (kr, right) if r is not None and r.n]
+        return sp
+
+    def detach_kids(self, kr: KidRun, k: int, times: np.ndarray) -> "TableBatch":
+        """handle_removed_pt of the first ``k`` tables of the linked run ``kr``, at once:
+        they are unlinked (at ``times``) and frozen (REMOVED): a detached run until
+        ``free_kids``.  Returns what they were (for the RCU callback and the oracles)."""
+        assert kr.unlink_t is None and 0 < k <= kr.n and kr.parent.freed is False
+        if kr.bulks:
+            self.engine.settle(kr)
+        if self.checking:
+            self.engine.assert_settled(kr, None, None, False)
+        gone = kr.part(0, k, np.asarray(times, dtype=np.int64))
+        kids = kr.parent._kids
+        at = kids.index(kr)
+        if k == kr.n:
+            del kids[at]
+        else:
+            rest = kr.part(k, kr.n)
+            kids[at] = rest
+            self._tag(rest)
+        self._tag(gone)
+        return TableBatch(gone.id0, k, gone.pfn0, gone.dpfn, gone.unlink_t, kr.parent.root)
+
+    def free_kids(self, batch: "TableBatch", who=None) -> None:
+        """Free the tables of a detached run (its RCU callback), in table order, as that
+        many ``free`` calls would; tables made SPs since (``lookup``) are freed as SPs."""
+        n = batch.n
+        pfns = batch.pfn0 + batch.dpfn * np.arange(n, dtype=np.int64)
+        a, b = min(int(pfns[0]), int(pfns[-1])), max(int(pfns[0]), int(pfns[-1])) + 1
+        virtual = self._virt.values(pfns) >= 0
+        for p in pfns[~virtual].tolist():           # SPs made of some of them
+            sp = self.by_pfn.pop(p)
+            sp.freed = True
+            self._poison(sp)
+        self._virt.assign(a, b, -1)
+        self.mem.free_many(pfns, who)
+        self.freed += n
+        self.live -= n
+
+    def kid_pages(self, kr: KidRun, m: int) -> list[tuple[int, int, int]]:
+        """The host pages the leaves of the first ``m`` tables of ``kr`` map, in order, as
+        ranges (first PFN, count, generation): one range when each table's leaves continue
+        the last's, else one per table."""
+        first = S.spte_to_pfn(kr.base0)
+        if kr.dbase == S.SPTE_ENTRIES * self.STEP:
+            return [(first, m * S.SPTE_ENTRIES, kr.lgen)]
+        return [(S.spte_to_pfn(kr.base0 + k * kr.dbase), S.SPTE_ENTRIES, kr.lgen)
+                for k in range(m)]
 
     def _dense(self, sp: ShadowPage) -> None:
         """Expand a compact table into arrays (from now on it stays dense)."""

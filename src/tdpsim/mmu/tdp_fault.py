@@ -92,7 +92,7 @@ def tdp_mmu_link_sp(mmu: "TdpMmu", th: "Thread", it: TdpIter, sp, account_nx: bo
             return False
     else:
         yield from mmu.tdp_mmu_set_spte(th, it, new)
-    mmu.pages[sp.id] = sp
+    mmu.nr_pages += 1
     if account_nx:
         mmu.account_huge_nx_page(sp)
     return True

@@ -50,12 +50,15 @@ class TdpMmu:
         self.pt = STORES[storage](kvm.host, kvm.name)
         #: fast-mode accelerators (``kvm.accel``) of the leaf walks: "tdp_mmu_zap_leafs",
         #: "wrprot_gfn_range", "clear_dirty_gfn_range", each called at a 4 KiB entry right
-        #: after the yield check passed, ``(th, it, end) -> (entries done, changed)``
+        #: after the yield check passed, ``(th, it, end) -> (entries done, changed)``; and
+        #: of handle_removed_pt's loop over a table's children: "handle_removed_kids",
+        #: ``(th, sp, old entries, child indices, pos, shared) -> children done``
         self.accel = kvm.accel
         #: kvm->arch.tdp_mmu_roots, newest first (valid and invalid)
         self.roots: list[ShadowPage] = []
-        #: kvm->arch.tdp_mmu_pages (non-root SPs), by id
-        self.pages: dict[int, ShadowPage] = {}
+        #: kvm->arch.tdp_mmu_pages: how many non-root tables are linked (the kernel keeps a
+        #: list only to WARN at teardown if it is not empty)
+        self.nr_pages = 0
         #: kvm->arch.lpage_disallowed_mmu_pages (NX recovery list), oldest first
         self.lpage_disallowed: OrderedDict[int, ShadowPage] = OrderedDict()
         #: tdp_mmu_zap_wq: "kvm", UNBOUND | MEM_RECLAIM | CPU_INTENSIVE
@@ -350,13 +353,66 @@ class TdpMmu:
 
     # ---- batch operations (the fast-path accelerators' way to change TDP MMU state) -----------
 
-    def install_table(self, parent: ShadowPage, index: int, gfn: int, role: int) -> ShadowPage:
-        """Allocate a table and link it at ``parent[index]`` (an empty entry), as a fault's
-        tdp_mmu_link_sp does when its cmpxchg wins; returns the new SP."""
-        sp = self.pt.alloc(gfn, role, (parent, index))
-        self.pt.write(parent, index, S.make_nonleaf_spte(sp.pfn), 0)
-        self.pages[sp.id] = sp
-        return sp
+    def install_tables(self, parent: ShadowPage, idx: list[int], role: int,
+                       full: "tuple[list[int], np.ndarray, np.ndarray] | None") -> list[int]:
+        """Allocate a table for each empty entry ``idx`` of ``parent`` (ascending) and link
+        it, as a fault's tdp_mmu_link_sp does when its cmpxchg wins; ``full`` = (indices,
+        SPTEs, generations): those tables get all 512 4 KiB leaves at once, as
+        ``install_leaves`` would.  Returns the tables' PFNs."""
+        pfns = self.pt.alloc_tables(parent, idx, role, full)
+        self.nr_pages += len(idx)
+        if full:
+            self._update_page_stats(S.PG_LEVEL_4K, S.SPTE_ENTRIES * len(full[0]))
+        return pfns
+
+    def unlink_children(self, th: "Thread", pieces: list, k: int, times: np.ndarray,
+                        shared: bool) -> None:
+        """handle_removed_pt of the first ``k`` children in ``pieces`` (plain full leaf
+        tables of a removed table, as ``PageTableStore.removable_children`` gives them),
+        child j at ``times[j]``: unlink, freeze, zap its 512 leaves (statistics),
+        call_rcu(free).  The caller has checked that their leaves' pages are live (no
+        write-back to report) and that an RCU grace period is running (when a callback is
+        queued does not matter then); 5.18 only (no flush per table).  The callbacks are
+        queued as one batch: nothing can come between them."""
+        pt = self.pt
+        kvm = self.kvm
+        done, frees = 0, []
+        for piece in pieces:
+            if done == k:
+                break
+            if isinstance(piece, ShadowPage):
+                sp, t = piece, int(times[done])
+                pt.settle_all(sp)
+                sp.unlinked = True
+                sp.unlink_t = t
+                if kvm.observers:
+                    kvm.observe("sp_unlinked", sp=sp, t=t, task=th.name)
+                pt.freeze_all(sp, unless_frozen=shared)
+                frees.append(sp)
+                done += 1
+                continue
+            run, c = piece
+            c = min(c, k - done)
+            batch = pt.detach_kids(run, c, times[done:done + c])
+            if kvm.observers:
+                kvm.observe("sps_unlinked", tables=batch, t=int(times[done]), task=th.name)
+            frees.append(batch)
+            done += c
+        self.nr_pages -= k
+        self._update_page_stats(S.PG_LEVEL_4K, -S.SPTE_ENTRIES * k)
+
+        def free_all() -> None:
+            for f in frees:
+                if isinstance(f, ShadowPage):
+                    self._free_sp_rcu(f)
+                else:
+                    self._free_kids_rcu(f)
+        self.host.rcu.call_rcu(free_all, k)
+
+    def _free_kids_rcu(self, batch) -> None:
+        """tdp_mmu_free_sp_rcu_callback for each table of a batch, in order."""
+        self.kvm.observe("sps_freed", tables=batch, t=self.engine.now)
+        self.pt.free_kids(batch)
 
     def install_leaves(self, sp: ShadowPage, lo: int, hi: int, idx, sptes: np.ndarray,
                        gens: np.ndarray) -> None:
@@ -461,7 +517,7 @@ class TdpMmu:
         kvm = self.kvm
         pt = self.pt
         pt.settle_all(sp)
-        self.pages.pop(sp.id, None)
+        self.nr_pages -= 1
         if sp.lpage_disallowed:
             self.unaccount_huge_nx_page(sp)
         sp.unlinked = True
@@ -484,7 +540,17 @@ class TdpMmu:
             self._write_back_many(th, old[leaves], gens[leaves])
             cost += nleaves * self.costs.spte_zap_4k
         if level > 1:
-            for i in np.flatnonzero(present & ~leaves).tolist():
+            kids = self.accel.get("handle_removed_kids")
+            idx = np.flatnonzero(present & ~leaves).tolist()
+            pos = 0
+            while pos < len(idx):
+                if kids is not None:
+                    k = yield from kids(th, sp, old, idx, pos, shared)
+                    if k:
+                        pos += k
+                        continue
+                i = idx[pos]
+                pos += 1
                 child = pt.child(int(old[i]))
                 if child is None:
                     self.host.report("use_after_free", th, pfn=S.spte_to_pfn(int(old[i])),
@@ -747,8 +813,8 @@ class TdpMmu:
         yield from self.zap_wq.destroy(th)
         if self.roots:
             self.warn("uninit_roots_left", th, roots=[r.id for r in self.roots])
-        if self.pages:
-            self.warn("uninit_pages_left", th, pages=len(self.pages))
+        if self.nr_pages:
+            self.warn("uninit_pages_left", th, pages=self.nr_pages)
         yield from self.host.rcu.rcu_barrier(th)
 
     # ---- NX huge pages accounting ------------------------------------------------------------

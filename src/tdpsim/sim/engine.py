@@ -336,6 +336,11 @@ class Engine:
                     raise TypeError(f"task {task.name} yielded {cmd!r}")
         except StopRun:
             self.stopped = True
+            # the run ends here: what exact mode would have done by now is done (the
+            # iterations of pending bulks that started before this instant)
+            for task in self.tasks:
+                if task.bulk is not None:
+                    self._settle(task.bulk)
         finally:
             self.events += nevents
             self.current = None
