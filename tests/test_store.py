@@ -205,3 +205,126 @@ def test_child_and_walk_follow_table_pointers(cls):
     assert it.try_step_down() and it.sp is l3 and it.level == 3
     store.free(l3)
     assert store.child(store.read(root, 0)) is None
+
+
+# ---- runs of tables: alloc_tables, lookup, removable_children, detach and free ------------
+
+STEP = 1 << S.PFN_SHIFT
+#: (first entry, count, leaves: "run" (consecutive pages) / "odd" (one page off) / "part"
+#: (not full), page stride between tables (512: continuing), host pages freed before, two
+#: PFNs apart, for the new tables to reuse)
+tables_op = st.tuples(st.just("tables"), st.integers(0, 500), st.integers(1, 12),
+                      st.lists(st.sampled_from(["run", "run", "run", "odd", "part"]),
+                               min_size=12, max_size=12),
+                      st.sampled_from([512, 512, 1024, 7]), st.integers(0, 3))
+look_op = st.tuples(st.just("look"), st.integers(0, 10 ** 6))
+zap_op = st.tuples(st.just("zap"), st.integers(0, 10 ** 6), st.integers(0, N - 1))
+teardown_op = st.tuples(st.just("teardown"), st.integers(0, 10 ** 6), st.integers(1, 12))
+
+
+def _run_tables(store, ops):
+    """Apply ``ops`` to ``store`` (a level-2 parent); returns everything a caller can
+    read, table by table, in a canonical form."""
+    host = store.host
+    parent = store.alloc(0, make_role(2))
+    role = make_role(1)
+    made = []                           # (entry, pfn) of every table linked, in order
+    gone = []                           # pfns of tables torn down, freed in order
+    page = 1 << 20
+    for op in ops:
+        kind = op[0]
+        if kind == "tables":
+            _, lo, n, kinds, stride, frees = op
+            # every other one of 2 * frees new pages freed: the next allocations reuse
+            # them, two PFNs apart (the rest stay allocated)
+            got = [host.memory.alloc("x") for _ in range(2 * frees)]
+            for p in got[::2]:
+                host.memory.free(p)
+            idx = [i for i in range(lo, min(N, lo + n))
+                   if store.read(parent, i) == 0]
+            full_idx, rows, gens = [], [], []
+            for k, i in enumerate(idx):
+                if kinds[k] == "part":
+                    continue
+                vals = [S.make_spte(page + j, 1, True) for j in range(N)]
+                if kinds[k] == "odd":
+                    vals[300] += STEP
+                full_idx.append(i)
+                rows.append(vals)
+                gens.append([1] * N)
+                page += stride
+            full = (full_idx, np.array(rows, dtype=np.uint64).reshape(-1, N),
+                    np.array(gens, dtype=np.uint32).reshape(-1, N)) if full_idx else None
+            pfns = store.alloc_tables(parent, idx, role, full)
+            made += list(zip(idx, pfns))
+        elif kind == "look" and made:
+            i, pfn = made[op[1] % len(made)]
+            store.lookup(pfn)            # makes the SP of a table kept in a run
+        elif kind == "zap" and made:     # one leaf zapped: the table diverges from its run
+            i, pfn = made[op[1] % len(made)]
+            sp = store.lookup(pfn)
+            if sp is not None and not sp.unlinked:
+                store.write(sp, op[2], 0, 0)
+        elif kind == "teardown" and made:
+            # handle_removed_pt's loop from some child on: what removable_children offers
+            live = sorted(i for i, p in made if store.read(parent, i) != 0)
+            if not live:
+                continue
+            pos = op[1] % len(live)
+            old = store.entries(parent)
+            pieces = store.removable_children(parent, old, live, pos)
+            count = 0
+            for piece in pieces:
+                if count == op[2]:
+                    break
+                if isinstance(piece, tuple):
+                    kr, c = piece
+                    c = min(c, op[2] - count)
+                    batch = store.detach_kids(kr, c, np.arange(c) + 100)
+                    store.free_kids(batch)
+                    gone += [batch.pfn0 + k * batch.dpfn for k in range(c)]
+                    count += c
+                else:
+                    store.freeze_all(piece, True)
+                    store.free(piece)
+                    gone.append(piece.pfn)
+                    count += 1
+            for i in live[pos:pos + count]:
+                store.write(parent, i, 0, 0)
+    out = []
+    for i, pfn in made:
+        sp = store.lookup(pfn)
+        if sp is None:
+            out.append((i, pfn, "freed"))
+            continue
+        out.append((i, pfn, sp.id, sp.gfn, sp.role, sp.pgen, sp.ptep[1], sp.unlinked,
+                    store.entries(sp).tolist(), store.gens_at(sp, slice(None), 0, N).tolist()))
+    return out, gone, store.allocated, store.freed, store.live, store.peak
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.lists(st.one_of(tables_op, tables_op, look_op, zap_op, teardown_op),
+                    min_size=1, max_size=14))
+@example(seq=[("tables", 0, 12, ["run"] * 12, 512, 0), ("look", 5),
+              ("teardown", 0, 12)])                     # a run split by a lookup
+@example(seq=[("tables", 0, 6, ["run"] * 12, 512, 0), ("teardown", 0, 12),
+              ("tables", 0, 6, ["run"] * 12, 512, 0)])  # PFNs reused downwards
+def test_runs_of_tables_read_as_dense_tables(seq):
+    """The same operations on a dense and a compressed store: every table reads the same
+    (id, PFN, generation, entries), the same children are removable, frees happen in the
+    same order, and the accounting agrees."""
+    d = _run_tables(DenseStore(Host()), seq)
+    c = _run_tables(CompactStore(Host()), seq)
+    assert c == d
+
+
+def test_full_tables_in_a_row_are_one_run_and_cost_no_sp():
+    store = CompactStore(Host())
+    parent = store.alloc(0, make_role(2))
+    rows = np.array([[S.make_spte((1 << 20) + k * N + j, 1, True) for j in range(N)]
+                     for k in range(64)], dtype=np.uint64)
+    pfns = store.alloc_tables(parent, list(range(64)), make_role(1),
+                              (list(range(64)), rows, np.ones((64, N), dtype=np.uint32)))
+    assert len(parent._kids) == 1 and len(store.by_pfn) == 1      # the parent only
+    assert store.count_present(store.lookup(pfns[10])) == N       # one SP made on demand
+    assert len(parent._kids) == 2 and len(store.by_pfn) == 2

@@ -116,6 +116,11 @@ class PageTableStore(ABC):
             n += 1
         return out
 
+    def run_child(self, parent: ShadowPage, i: int) -> bool:
+        """The child of ``parent[i]`` is a full leaf table this layout keeps in a run (it
+        has 512 present leaves; look-only walks count it without making its SP)."""
+        return False
+
     def _plain_full(self, sp: ShadowPage | None) -> bool:
         return (sp is not None and sp.level == 1 and not sp.freed and not sp.unlinked
                 and not sp.bulks and not sp.lpage_disallowed
@@ -532,6 +537,17 @@ class CompactStore(PageTableStore):
                 return kr
         return None
 
+    def run_child(self, parent: ShadowPage, i: int) -> bool:
+        if parent._kids is None:
+            return False
+        kr = self._kid_run_at(parent, i)
+        if kr is not None and kr.bulks:     # being torn down: settle, then look again
+            self.engine.settle(kr)
+            kr = self._kid_run_at(parent, i)
+        if kr is not None and self.checking:
+            self.engine.assert_settled(kr, None, None, True)
+        return kr is not None
+
     def removable_children(self, parent: ShadowPage, old: np.ndarray, idx: list[int],
                            pos: int) -> list:
         out = []
@@ -543,8 +559,8 @@ class CompactStore(PageTableStore):
                 c = 1
                 while pos + n + c < len(idx) and idx[pos + n + c] == i + c and i + c < kr.hi:
                     c += 1
-                if kr.lo != i:      # (cannot happen: children go in order, off the front)
-                    break
+                if kr.lo != i:          # start the piece at i: split the run there
+                    kr = self._split_run(kr, i)
                 out.append((kr, c))
                 n += c
                 continue
@@ -600,6 +616,15 @@ class CompactStore(PageTableStore):
             at = kids.index(kr)
             kids[at:at + 1] = [r for r in (kr, right) if r is not None and r.n]
         return sp
+
+    def _split_run(self, kr: KidRun, i: int) -> KidRun:
+        """Split the linked run ``kr`` before entry i; returns the part from i on."""
+        right = kr.part(i - kr.lo, kr.n)
+        kr.hi = i
+        kids = kr.parent._kids
+        kids.insert(kids.index(kr) + 1, right)
+        self._tag(right)
+        return right
 
     def detach_kids(self, kr: KidRun, k: int, times: np.ndarray) -> "TableBatch":
         """handle_removed_pt of the first ``k`` tables of the linked run ``kr``, at once:

@@ -129,6 +129,11 @@ class TdpIter:
             return
         if self.try_step_down():
             return
+        self.step_over()
+
+    def step_over(self) -> None:
+        """The entry after the current one and its subtree (``next`` without stepping
+        down): for a look-only walk that accounted for the subtree itself."""
         while True:
             if self.try_step_side():
                 return
@@ -169,7 +174,8 @@ def for_each_leaf(pt: "PageTableStore", root: "ShadowPage", start: int, end: int
 
 
 def count_leaves(pt: "PageTableStore", root: "ShadowPage", g0: int, g1: int) -> int:
-    """Present leaves of ``root`` mapping a gfn in [g0, g1) (REMOVED excluded)."""
+    """Present leaves of ``root`` mapping a gfn in [g0, g1) (REMOVED excluded).  A table
+    the store keeps in a run of full tables counts without being walked."""
     n = 0
     it = TdpIter(pt, root, 1, g0, report=False)
     while it.valid and it.gfn < g1:
@@ -178,8 +184,13 @@ def count_leaves(pt: "PageTableStore", root: "ShadowPage", g0: int, g1: int) -> 
             ents = pt.entries(it.sp, it.index, hi)
             n += int(present_mask(ents).sum())
             it.step_side_to(hi - 1)
-        elif is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
-            n += 1
+        elif is_shadow_present_pte(it.old_spte):
+            if is_last_spte(it.old_spte, it.level):
+                n += 1
+            elif it.level == 2 and pt.run_child(it.sp, it.index):
+                n += min(g1, it.gfn + SPTE_ENTRIES) - max(g0, it.gfn)
+                it.step_over()
+                continue
         it.next()
     return n
 
@@ -196,5 +207,10 @@ def count_present(pt: "PageTableStore", root: "ShadowPage") -> int:
             it.step_side_to(hi - 1)
         elif is_shadow_present_pte(it.old_spte):
             n += 1
+            if it.level == 2 and not is_last_spte(it.old_spte, 2) and \
+                    pt.run_child(it.sp, it.index):
+                n += SPTE_ENTRIES           # a full table kept in a run
+                it.step_over()
+                continue
         it.next()
     return n

@@ -392,7 +392,8 @@ class Engine:
         ``Bulk``) are left running: what it reads is the same whether they are settled or
         not."""
         for bulk in list(resource.bulks):
-            if _depends(bulk, resource, lo, hi, read):
+            # (a bulk settled meanwhile, by a settle nested in another's effects, is gone)
+            if bulk.task.bulk is bulk and _depends(bulk, resource, lo, hi, read):
                 self._settle(bulk)
 
     def assert_settled(self, resource: Resource, lo: int | None, hi: int | None,
