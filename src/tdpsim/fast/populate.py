@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 REGION_SHIFT = 18          # one level-2 table covers 2^18 4 KiB pages (1 GiB)
 PLAN_WINDOW = 4096         # pages planned at first by a populate bulk (widened as needed)
+#: pages a populate bulk plans at most (its arrays live until it is applied: with many
+#: vCPUs in bulks at once, this bounds the memory)
+PLAN_MAX = 1 << 16
 U64 = np.uint64
 
 
@@ -90,6 +93,7 @@ class Populate:
         # need_resched: a plan is a prefix of the plan of a wider window, so the bulk is the
         # same, and arrays stay the size of what the bulk can reach (memory, and time when
         # need_resched comes often).
+        n_all = min(n_all, PLAN_MAX)
         n = min(n_all, PLAN_WINDOW)
         while True:
             p = self._plan(vcpu, th, guest, slot, l2, root, gfn0, write, stride, n)
@@ -195,26 +199,36 @@ class Populate:
         pt = self.tdp.pt
         if nseg:
             ents = pt.entries_at(l2, seg_pde[:nseg], int(seg_pde[0]),
-                                 int(seg_pde[nseg - 1]) + 1).tolist()
-            g_lo = gfns[seg_lo[:nseg]].tolist()
-            g_hi = gfns[seg_hi[:nseg] - 1].tolist()
+                                 int(seg_pde[nseg - 1]) + 1)
+            g_lo = gfns[seg_lo[:nseg]]
             psc2 = tlb.psc.get(2) or {}
-            lookup = pt.lookup
-            for pde, lo_j, e, g0, g1 in zip(seg_pde.tolist(), seg_lo.tolist(), ents, g_lo,
-                                            g_hi):
+            # segments with an existing table or a PDE-cache entry need a look; the others
+            # (no table yet, nothing cached) are fine as they are
+            look = ents != 0
+            if psc2:
+                look |= np.isin(g_lo >> 9, np.fromiter(psc2, dtype=np.int64, count=len(psc2)))
+            stop = nseg
+            found = {}
+            for s_i in np.flatnonzero(look).tolist():
+                e, g0 = int(ents[s_i]), int(g_lo[s_i])
                 sp = None
                 if e != 0:
                     if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
-                        n = lo_j
+                        stop = s_i
                         break
-                    sp = lookup(S.spte_to_pfn(e))
+                    sp = pt.lookup(S.spte_to_pfn(e))
+                    g1 = int(gfns[seg_hi[s_i] - 1])
                     pt.claim(sp, g0 & 511, (g1 & 511) + 1)
                 # the PDE cache must not point at another table
                 c = psc2.get(g0 >> 9)
                 if c is not None and (sp is None or c != sp.pfn):
-                    n = lo_j
+                    stop = s_i
                     break
-                leaf_tables[pde] = sp
+                found[int(seg_pde[s_i])] = sp
+            if stop < nseg:
+                n = int(seg_lo[stop])
+            leaf_tables = dict.fromkeys(seg_pde[:stop].tolist())
+            leaf_tables.update(found)
         if n <= 0:
             return None
         gfns, idx, pdes = gfns[:n], idx[:n], pdes[:n]
@@ -368,26 +382,27 @@ class _Plan:
         # accesses (the retried access of a fault, or the one access of a present page)
         tlb = vcpu.tlb
         tlb.count_misses(na + npages)
-        pres = ~absent[:npages]
-        if pres.any():
+        pres = np.flatnonzero(~absent[:npages])
+        if len(pres):
             bits = S.SHADOW_ACCESSED | (S.SHADOW_DIRTY if self.write else 0)
-            for pde, lo_j, hi_j in segs:
-                sel = np.flatnonzero(pres[lo_j:hi_j]) + lo_j
-                if len(sel):
-                    ii = gfns[sel] & 511
-                    tdp.pt.set_bits(self.leaf_tables[pde], ii, int(ii[0]), int(ii[-1]) + 1,
-                                    bits)
+            # the present pages of each table are one stretch of ``pres``
+            pp = self.pdes[pres]
+            cuts = [0, *(np.flatnonzero(np.diff(pp)) + 1).tolist(), len(pres)]
+            for a, b in zip(cuts, cuts[1:]):
+                ii = gfns[pres[a:b]] & 511
+                tdp.pt.set_bits(self.leaf_tables[int(pp[a])], ii, int(ii[0]), int(ii[-1]) + 1,
+                                bits)
         # PDE cache: one fill per region, at the first walk that passes its level-2 entry
         # (the region's first access if its table existed, else the access retried after
         # the fault that created it)
-        for pde, lo_j, hi_j in segs:
-            if done[lo_j] < 1:
-                break
-            if tlb.psc_lookup(2, int(gfns[lo_j])) is not None:
-                continue
-            walked = done[lo_j] >= 1 if self.leaf_tables[pde] is not None else done[lo_j] == 3
-            if walked:
-                tlb.psc_fill(2, int(gfns[lo_j]), table_pfn[pde])
+        d0 = done[self.seg_lo]
+        reached = int(np.argmin(d0 >= 1)) if not (d0 >= 1).all() else len(d0)
+        existed = np.array([self.leaf_tables[p] is not None for p in self.seg_pde.tolist()],
+                           dtype=bool)
+        walked = np.flatnonzero(np.where(existed, d0 >= 1, d0 == 3)[:reached])
+        if len(walked):
+            tlb.psc_fill_new(2, gfns[self.seg_lo[walked]],
+                             [table_pfn[p] for p in self.seg_pde[walked].tolist()])
         if npages:
             self._accessed(vcpu, npages)
         self.guest.advance(npages)

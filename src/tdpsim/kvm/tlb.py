@@ -150,6 +150,33 @@ class Tlb:
             return None
         return d.get(gfn >> ((level - 1) * S.LEVEL_BITS))
 
+    def psc_fill_new(self, level: int, gfns: np.ndarray, pfns: list[int]) -> None:
+        """Walks through distinct regions in order: each fills the cache (``psc_fill``)
+        unless its region is cached at its turn (a hit refreshes nothing).  Costs per
+        region already cached, not per walk: only those can hit, and one of them is still
+        cached at its turn iff fewer of the entries older than it have been evicted."""
+        d = self.psc.setdefault(level, OrderedDict())
+        keys = (np.asarray(gfns, dtype=np.int64) >> ((level - 1) * S.LEVEL_BITS)).tolist()
+        cap = self.psc_capacity
+        old = {k: r for r, k in enumerate(d)}           # rank in LRU order, oldest 0
+        m = len(old)
+        hits = set()
+        for j, k in enumerate(keys):
+            r = old.get(k)
+            if r is None:
+                continue
+            inserted = j - len(hits)                    # walks before this one that filled
+            evicted = 0 if cap is None else max(0, m + inserted - cap)
+            if evicted <= r:
+                hits.add(j)
+        new = [(k, p) for j, (k, p) in enumerate(zip(keys, pfns)) if j not in hits]
+        for k, p in new[-cap:] if cap is not None else new:
+            d[k] = p
+            d.move_to_end(k)
+        if cap is not None:
+            while len(d) > cap:
+                d.popitem(last=False)
+
     def psc_fill(self, level: int, gfn: int, pfn: int) -> None:
         d = self.psc.setdefault(level, OrderedDict())
         key = gfn >> ((level - 1) * S.LEVEL_BITS)
