@@ -70,10 +70,6 @@ class PageAllocator(Resource):
         """Who allocated the page last (kept after it is freed)."""
         return self._pages.get(pfn)[1][1]
 
-    def runs(self) -> int:
-        """Runs the per-page state takes (a measure of its memory)."""
-        return len(self._pages) + len(self._free._runs)
-
     # ---- allocation ----------------------------------------------------------------------
 
     def alloc(self, owner: str = "", content: np.ndarray | None = None) -> int:
