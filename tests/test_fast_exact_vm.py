@@ -4,7 +4,8 @@ Each scenario: vCPUs populate their chunk (chunk edges fall inside 2 MiB regions
 neighbours share tables), reset their MMU context and populate again, while a host thread
 interferes at random times: madvise(MADV_DONTNEED) invalidations (leaf-zap bulks), page
 aging, enabling dirty logging (write-protect bulks), clear-dirty passes, a memslot deletion
-(fast zap), and CR0.WP resets.  Small TLB and PDE-cache
+(fast zap), memslot moves (the last slot away, where the vCPUs' accesses become MMIO exits,
+and back), and CR0.WP resets.  Small TLB and PDE-cache
 capacities exercise eviction.  Statistics, per-vCPU counters, the logical page-table
 content, TLB and PDE-cache contents, lock counters and the oracle verdict must be identical.
 """
@@ -49,7 +50,8 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
 
     events = []
     for _ in range(rng.randint(0, 4)):
-        kinds = ["dontneed", "age", "dirty_log", "clear_dirty"] + (["delete"] if nslots > 1 else [])
+        kinds = ["dontneed", "age", "dirty_log", "clear_dirty"] + \
+            (["delete", "move"] if nslots > 1 else [])
         kind = rng.choice(kinds)
         events.append((rng.randint(1_000, 3_000_000), kind, rng.randrange(pages),
                        rng.randint(1, 64)))
@@ -82,6 +84,12 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
                 deleted = True
                 yield from h.kvm.set_user_memory_region(th, nslots, 0,
                                                         h.slot_gfn(nslots) * PAGE, 0, h.hva)
+            elif kind == "move" and not deleted:   # the last slot, past the others and back
+                slot = h.kvm.memslots[0].by_id[nslots]
+                away = slot.base_gfn != h.slot_gfn(nslots)
+                to = h.slot_gfn(nslots) if away else h.slot_gfn(nslots + 1)
+                yield from h.kvm.set_user_memory_region(th, nslots, slot.flags, to * PAGE,
+                                                        pages * PAGE, h.hva)
 
     h.spawn(host_events, "host")
     h.run()

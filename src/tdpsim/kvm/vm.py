@@ -137,10 +137,11 @@ class Kvm:
                 self.engine.settle(slots)
             if self.engine.check_settle:
                 self.engine.assert_settled(slots, None, None, False)
+            # the old range is gone (the oracles check it is unmapped), then the slot moves
+            self.observe("memslot_deleted", slot=old, t=self.engine.now)
             old.base_gfn = base
             old.invalid = False
             slots._reindex()
-            self.observe("memslot_deleted", slot=old, t=self.engine.now)
         if old.flags != flags:
             old_flags = old.flags
             old.flags = flags
