@@ -5,7 +5,7 @@ neighbours share tables), reset their MMU context and populate again, while a ho
 interferes at random times: madvise(MADV_DONTNEED) invalidations (leaf-zap bulks), page
 aging, enabling dirty logging (write-protect bulks), clear-dirty passes, a memslot deletion
 (fast zap), memslot moves (the last slot away, where the vCPUs' accesses become MMIO exits,
-and back), and CR0.WP resets.  Small TLB and PDE-cache
+and back), and CR0.WP resets; a fifth of them with 2 MiB hugetlb backing.  Small TLB and PDE-cache
 capacities exercise eviction.  Statistics, per-vCPU counters, the logical page-table
 content, TLB and PDE-cache contents, lock counters and the oracle verdict must be identical.
 """
@@ -28,14 +28,15 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
              trace=None) -> tuple[dict, int]:
     rng = random.Random(seed)
     nv = rng.randint(1, 3)
-    pages = rng.choice([512, 768, 1024])
+    hugetlb = rng.random() < 0.2        # 2 MiB backing: whole huge pages per slot
+    pages = rng.choice([512, 1024] if hugetlb else [512, 768, 1024])
     nslots = rng.randint(1, 3)
     h = VmHarness(nvcpus=nv, ncpus=rng.randint(1, 3), pages=pages, nslots=nslots,
                   granularity=granularity, strategy="random", seed=seed,
                   tlb_capacity=rng.choice([16, 64, None]), psc_capacity=rng.choice([2, 8]),
                   costs={"sched_timeslice": rng.choice([50_000, 300_000])},
                   second_ns=rng.choice([200_000, 1_000_000]), policy=kernel,
-                  storage=storage, trace=trace)
+                  storage=storage, trace=trace, hugetlb=hugetlb)
     total = nslots * pages
     chunk = total // nv
 
@@ -50,7 +51,7 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
 
     events = []
     for _ in range(rng.randint(0, 4)):
-        kinds = ["dontneed", "age", "dirty_log", "clear_dirty"] + \
+        kinds = ["age", "dirty_log", "clear_dirty"] + ([] if hugetlb else ["dontneed"]) + \
             (["delete", "move"] if nslots > 1 else [])
         kind = rng.choice(kinds)
         events.append((rng.randint(1_000, 3_000_000), kind, rng.randrange(pages),

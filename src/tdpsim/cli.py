@@ -132,7 +132,7 @@ def run_options(strategy: str, costs: bool):
 
 #: --storage: the page-table layout of a VM run
 storage_option = click.option(
-    "--storage", type=OneOf(["dense", "compressed"]), default="dense",
+    "--storage", type=OneOf(["dense", "compressed"]), default="compressed",
     show_default=True,
     help="page-table layout: dense arrays, or leaf tables as runs of consecutive pages "
          "and full tables in a row as one record (same results; less memory, faster "

@@ -67,8 +67,8 @@ class MgmConfig:
     seed: int = 0
     strategy: str = "fifo"
     granularity: str = "fast"
-    #: page-table layout (mmu/store.py): "dense" or "compressed"
-    storage: str = "dense"
+    #: page-table layout (mmu/store.py): "compressed" or "dense" (the reference layout)
+    storage: str = "compressed"
     costs: tuple = ()               # ((name, ns), ...) overrides
     #: watchdog thresholds scale with this many ns per "second" (tests lower it)
     second_ns: int = 1_000_000_000

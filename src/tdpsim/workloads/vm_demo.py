@@ -13,7 +13,7 @@ SLOT_PAGES = 16384           # 64 MiB per memslot
 
 
 def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: str,
-                granularity: str, storage: str = "dense") -> dict:
+                granularity: str, storage: str = "compressed") -> dict:
     h = VmHarness(ncpus=nvcpus + 1, nvcpus=nvcpus, pages=SLOT_PAGES, nslots=nslots,
                   policy=policy, seed=seed, strategy=strategy, granularity=granularity,
                   tlb_capacity=1536, psc_capacity=32, storage=storage)
