@@ -92,9 +92,14 @@ class Populate:
         # Plan a window of pages, widened while the bulk would run to its end before
         # need_resched: a plan is a prefix of the plan of a wider window, so the bulk is the
         # same, and arrays stay the size of what the bulk can reach (memory, and time when
-        # need_resched comes often).
+        # need_resched comes often).  The window starts as wide as the deadline allows.
         n_all = min(n_all, PLAN_MAX)
-        n = min(n_all, PLAN_WINDOW)
+        # every page costs at least one guest access: no more pages than that can start
+        # before need_resched, so a window that wide is planned once
+        ga = kvm.costs.guest_access
+        room = th.host.sched.need_resched_at(th.cpu) - kvm.engine.now
+        reach = room // ga + 1 if ga > 0 and room > 0 else 0
+        n = min(n_all, max(PLAN_WINDOW, reach))
         while True:
             p = self._plan(vcpu, th, guest, slot, l2, root, gfn0, write, stride, n)
             if p is None:
