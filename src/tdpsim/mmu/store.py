@@ -44,6 +44,16 @@ U64 = np.uint64
 _REMOVED = U64(S.REMOVED_SPTE)
 
 
+def _freeze_arrays(spt: np.ndarray, gens: np.ndarray, unless_frozen: bool
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``freeze_all`` on a table held as arrays (see ``PageTableStore.freeze_all``)."""
+    if unless_frozen and (spt == _REMOVED).any():
+        return None
+    old = spt.copy()
+    spt[:] = _REMOVED
+    return old, gens
+
+
 class PageTableStore(ABC):
     """Allocation, lookup by PFN and freeing of a VM's page-table pages, and the page-table
     accounting (allocated, freed, live, peak).  Subclasses hold the entries."""
@@ -345,12 +355,7 @@ class DenseStore(PageTableStore):
             self.engine.settle(sp, 0, S.SPTE_ENTRIES, read=False)
         if self.checking:
             self._check(sp, 0, S.SPTE_ENTRIES, False)
-        spt = sp._spt
-        if unless_frozen and (spt == _REMOVED).any():
-            return None
-        old = spt.copy()
-        spt[:] = _REMOVED
-        return old, sp._gens
+        return _freeze_arrays(sp._spt, sp._gens, unless_frozen)
 
 
 @dataclass(frozen=True)
@@ -851,12 +856,7 @@ class CompactStore(PageTableStore):
                    ) -> tuple[np.ndarray, np.ndarray] | None:
         self._settled(sp, 0, S.SPTE_ENTRIES, False)
         if sp._spt is not None:
-            spt = sp._spt
-            if unless_frozen and (spt == _REMOVED).any():
-                return None
-            old = spt.copy()
-            spt[:] = _REMOVED
-            return old, sp._gens
+            return _freeze_arrays(sp._spt, sp._gens, unless_frozen)
         old, gens = self._span(sp, 0, S.SPTE_ENTRIES)
         if unless_frozen and (old == _REMOVED).any():
             return None
