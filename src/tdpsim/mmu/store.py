@@ -119,12 +119,21 @@ class PageTableStore(ABC):
         out = []
         n = 0
         while pos + n < len(idx) and idx[pos + n] == idx[pos] + n:
-            sp = self.by_pfn.get(S.spte_to_pfn(int(old[idx[pos + n]])))
-            if not self._plain_full(sp):
-                break
-            out.append(sp)
-            n += 1
+            piece = self._run_piece(parent, idx, pos + n)
+            if piece is None:
+                sp = self.by_pfn.get(S.spte_to_pfn(int(old[idx[pos + n]])))
+                if not self._plain_full(sp):
+                    break
+                piece = sp
+            out.append(piece)
+            n += piece[1] if isinstance(piece, tuple) else 1
         return out
+
+    def _run_piece(self, parent: ShadowPage, idx: list[int], at: int
+                   ) -> "tuple[KidRun, int] | None":
+        """The children from ``idx[at]`` on (consecutive) that this layout keeps in one
+        run, as ``(run, count)``; None if that child is not in a run."""
+        return None
 
     def run_child(self, parent: ShadowPage, i: int) -> bool:
         """The child of ``parent[i]`` is a full leaf table this layout keeps in a run (it
@@ -553,28 +562,18 @@ class CompactStore(PageTableStore):
             self.engine.assert_settled(kr, None, None, True)
         return kr is not None
 
-    def removable_children(self, parent: ShadowPage, old: np.ndarray, idx: list[int],
-                           pos: int) -> list:
-        out = []
-        n = 0
-        while pos + n < len(idx) and idx[pos + n] == idx[pos] + n:
-            i = idx[pos + n]
-            kr = self._kid_run_at(parent, i)
-            if kr is not None:                  # linked runs hold full, plain tables
-                c = 1
-                while pos + n + c < len(idx) and idx[pos + n + c] == i + c and i + c < kr.hi:
-                    c += 1
-                if kr.lo != i:          # start the piece at i: split the run there
-                    kr = self._split_run(kr, i)
-                out.append((kr, c))
-                n += c
-                continue
-            sp = self.by_pfn.get(S.spte_to_pfn(int(old[i])))
-            if not self._plain_full(sp):
-                break
-            out.append(sp)
-            n += 1
-        return out
+    def _run_piece(self, parent: ShadowPage, idx: list[int], at: int
+                   ) -> tuple[KidRun, int] | None:
+        i = idx[at]
+        kr = self._kid_run_at(parent, i)
+        if kr is None:
+            return None
+        c = 1                                   # linked runs hold full, plain tables
+        while at + c < len(idx) and idx[at + c] == i + c and i + c < kr.hi:
+            c += 1
+        if kr.lo != i:                          # start the piece at i: split the run there
+            kr = self._split_run(kr, i)
+        return kr, c
 
     def lookup(self, pfn: int) -> ShadowPage | None:
         sp = self.by_pfn.get(pfn)
