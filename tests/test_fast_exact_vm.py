@@ -5,7 +5,8 @@ neighbours share tables), reset their MMU context and populate again, while a ho
 interferes at random times: madvise(MADV_DONTNEED) invalidations (leaf-zap bulks), page
 aging, enabling dirty logging (write-protect bulks), clear-dirty passes, a memslot deletion
 (fast zap), memslot moves (the last slot away, where the vCPUs' accesses become MMIO exits,
-and back), and CR0.WP resets; a fifth of them with 2 MiB hugetlb backing.  Small TLB and PDE-cache
+and back), and CR0.WP resets; a fifth of them with 2 MiB hugetlb backing, two in five with
+a 1 GiB boundary among the slots (populate bulks across regions and memslots).  Small TLB and PDE-cache
 capacities exercise eviction.  Statistics, per-vCPU counters, the logical page-table
 content, TLB and PDE-cache contents, lock counters and the oracle verdict must be identical.
 """
@@ -18,7 +19,7 @@ from tdpsim.host.mm import PAGE
 from tdpsim.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from tdpsim.kvm.vcpu import TouchGuest
 from tdpsim.mmu.tdp_ops import kvm_tdp_mmu_clear_dirty_slot
-from tdpsim.workloads.vm import VmHarness
+from tdpsim.workloads.vm import GPA_4G_GFN, VmHarness
 
 #: the differential tests run under the settle checker
 pytestmark = pytest.mark.usefixtures("settle_checker")
@@ -31,8 +32,14 @@ def scenario(granularity: str, seed: int, kernel: str = "5.18", storage: str = "
     hugetlb = rng.random() < 0.2        # 2 MiB backing: whole huge pages per slot
     pages = rng.choice([512, 1024] if hugetlb else [512, 768, 1024])
     nslots = rng.randint(1, 3)
+    # two in five put a 1 GiB boundary (a new level-2 table) inside or at the edge of a
+    # slot, so populate bulks cross regions and memslots (a stream of its own: the other
+    # draws stay what they were)
+    cross = random.Random(seed * 7 + 1)
+    first = GPA_4G_GFN + (1 << 18) - cross.choice([pages // 2, pages, pages + 100]) \
+        if cross.random() < 0.4 else GPA_4G_GFN
     h = VmHarness(nvcpus=nv, ncpus=rng.randint(1, 3), pages=pages, nslots=nslots,
-                  granularity=granularity, strategy="random", seed=seed,
+                  first_gfn=first, granularity=granularity, strategy="random", seed=seed,
                   tlb_capacity=rng.choice([16, 64, None]), psc_capacity=rng.choice([2, 8]),
                   costs={"sched_timeslice": rng.choice([50_000, 300_000])},
                   second_ns=rng.choice([200_000, 1_000_000]), policy=kernel,

@@ -10,11 +10,11 @@ monitor test drives a scenario that the monitor must measure.
 import pytest
 
 from tdpsim.host.mm import PAGE
-from tdpsim.kvm.vcpu import Guest, TouchGuest
+from tdpsim.kvm.vcpu import Accesses, Guest, TouchGuest
 from tdpsim.kvm.vm import IN_GUEST_MODE
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.tdp_iter import TdpIter
-from tdpsim.workloads.vm import VmHarness
+from tdpsim.workloads.vm import GPA_4G_GFN, VmHarness
 from vmhelpers import driver, linked_tables, one_shot, quiesce
 
 MS = 1_000_000
@@ -351,6 +351,39 @@ def test_guest_access_freed_page(buggy, via_tlb):
     f = h.findings[0]
     assert (f.kind, f.task) == ("guest_access_freed_page", "vcpu0")
     assert f.details == {"gfn": g0 + 2, "pfn": pfn, "via_tlb": via_tlb}
+
+
+@pytest.mark.parametrize("granularity", ["exact", "fast"])
+@pytest.mark.parametrize("buggy", [False, True])
+def test_guest_access_freed_page_while_populating(buggy, granularity):
+    """A host page the memfd still maps is freed before the guest first touches it: its
+    access is the one finding, whether it is a step of its own (exact) or part of a
+    closed-form populate bulk whose accesses are checked as runs (fast: the page lies in
+    the second 1 GiB region of the slot, which nothing maps yet)."""
+    h = VmHarness(nvcpus=1, pages=1024, nslots=1, granularity=granularity,
+                  first_gfn=GPA_4G_GFN + (1 << 18) - 512)
+    g0 = h.slot_gfn(1)
+    if buggy:
+        h.host.memory.free(h.memfd.pfn_of(700))
+
+    def script(th, v):
+        yield from v.run(th, TouchGuest(g0, 1024))
+    h.spawn_vcpu(h.vcpus[0], script)
+    h.run()
+    if not buggy:
+        assert h.findings == []
+        return
+    (f,) = h.findings
+    assert (f.kind, f.task) == ("guest_access_freed_page", "vcpu0")
+    assert f.details == {"gfn": g0 + 700, "pfn": h.memfd.pfn_of(700), "via_tlb": False}
+
+
+def test_accesses_by_runs_read_as_arrays():
+    acc = Accesses.by_runs([(100, 7, 3, 1), (200, 50, 2, 4)], lambda: [0] * 5, True)
+    assert acc.gfns.tolist() == [100, 101, 102, 200, 201]
+    assert acc.pfns.tolist() == [7, 8, 9, 50, 51]
+    assert acc.gens.tolist() == [1, 1, 1, 4, 4]
+    assert not acc.via_tlb and acc.fill_t == [0] * 5
 
 
 # ---- page-table lifetime -------------------------------------------------------------------------

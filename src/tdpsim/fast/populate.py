@@ -35,8 +35,10 @@ from ..host.mm import PAGE
 from ..kvm.vcpu import Accesses, TouchGuest
 from ..mmu import spte as S
 from ..mmu.page import ROLE_CR0_WP, make_role
+from ..mmu.store import LeafRows
 from ..sim.engine import Bulk
 from ..sim.steps import Costs
+from .fresh import FreshSpans
 
 if TYPE_CHECKING:
     from ..kvm.vm import Kvm
@@ -55,6 +57,7 @@ class Populate:
     def __init__(self, kvm: "Kvm"):
         self.kvm = kvm
         self.tdp = kvm.arch.tdp
+        self.fresh = FreshSpans(self)
 
     # ---- planning ------------------------------------------------------------------------
 
@@ -82,6 +85,10 @@ class Populate:
             return 0
         if slot.host_level_pages > 1:
             return (yield from self._huge_bulk(vcpu, th, guest, gfn0, write))
+        bulk = self.fresh.bulk(vcpu, th, guest, write)
+        if bulk is not None:                # untouched memory: the closed form
+            k = yield bulk
+            return k
         l2 = self._table(root, gfn0, 2)
         if l2 is None:
             return 0
@@ -379,7 +386,7 @@ class _Plan:
         table_pfn = {pde: sp.pfn for pde, sp in self.leaf_tables.items() if sp is not None}
         if new:
             rows = np.asarray(full_at, dtype=np.int64)[:, None] + np.arange(S.SPTE_ENTRIES)
-            leaves = (full, vals[rows], gens[rows]) if full else None
+            leaves = LeafRows(full, vals[rows], gens[rows]) if full else None
             table_pfn.update(zip(new, tdp.install_tables(self.l2, new, role1, leaves)))
         for pde, i0, i1, at, v, g in rest:
             sp = self.leaf_tables[pde] or tdp.pt.lookup(table_pfn[pde])

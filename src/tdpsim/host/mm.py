@@ -165,6 +165,23 @@ class Vma(Resource):
         """PFNs (-1: none) and generations of the PTEs of pages ``idx``."""
         return self._pte.values(idx), self._gen.values(idx).astype(np.uint32)
 
+    def pte_run(self, i: int, n: int) -> tuple[int, int, int]:
+        """``(pfn, gen, count)``: pages i, i + 1, ... (n at most, within the mapping) have
+        present PTEs mapping pages pfn, pfn + 1, ..., all of generation gen, for ``count``
+        pages (0 if page i has no PTE)."""
+        n = min(n, self.npages - i)
+        if n <= 0:
+            return -1, 0, 0
+        lo, hi, pfn, step, _ = next(self._pte.runs(i, i + n))
+        if pfn < 0:
+            return pfn, 0, 0
+        if step != 1:
+            hi = i + 1
+        glo, ghi, gen, gstep, _ = next(self._gen.runs(i, hi))
+        if gstep:
+            ghi = i + 1
+        return pfn, gen, min(hi, ghi) - i
+
     def set_pte(self, i: int, pfn: int, gen: int) -> None:
         self._pte.assign(i, i + 1, pfn)
         self._gen.assign(i, i + 1, gen)
@@ -324,6 +341,10 @@ class Mm:
         """The Accessed bit of the PTEs ``idx`` (an index or an array) of ``v``, set by a
         fault (GUP); ``fault`` sets one, a bulk of faults many."""
         v.set_young(idx)
+
+    def mark_young_range(self, v: Vma, i0: int, n: int) -> None:
+        """``mark_young`` of the PTEs [i0, i0 + n) of ``v``."""
+        v.set_young_range(i0, n)
 
     def lookup(self, hva: int) -> tuple[int, int] | None:
         """The current PTE at hva, without faulting."""

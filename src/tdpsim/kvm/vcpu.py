@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Generator
 
+import numpy as np
+
 from ..sim.engine import Resource
 from .tlb import Tlb, TlbEntry, hw_walk
 from .vm import (EXITING_GUEST_MODE, IN_GUEST_MODE, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
@@ -97,14 +99,50 @@ class Accesses:
     and host page generation), whether through a TLB entry (``via_tlb``) or a walk, and
     when each happened (``times``) and its translation was filled (``fill_t``: the access
     time for a walk).  ``times`` may be given as a function, called once on first use: a
-    bulk's access times cost a pass over its pages that only some observers need."""
+    bulk's access times cost a pass over its pages that only some observers need.
 
-    __slots__ = ("gfns", "pfns", "gens", "via_tlb", "write", "_times", "_fill_t")
+    ``by_runs`` gives walks in closed form instead: ``runs`` of ``(first gfn, first pfn,
+    count, gen)``, consecutive gfns through consecutive pages; the per-access arrays are
+    then made only if someone reads them."""
+
+    __slots__ = ("_gfns", "_pfns", "_gens", "runs", "via_tlb", "write", "_times", "_fill_t")
 
     def __init__(self, gfns, pfns, gens, times, via_tlb: bool, write: bool, fill_t=None):
-        self.gfns, self.pfns, self.gens = gfns, pfns, gens
+        self._gfns, self._pfns, self._gens = gfns, pfns, gens
+        self.runs = None
         self.via_tlb, self.write = via_tlb, write
         self._times, self._fill_t = times, fill_t
+
+    @classmethod
+    def by_runs(cls, runs: list, times, write: bool) -> "Accesses":
+        self = cls(None, None, None, times, False, write)
+        self.runs = runs
+        return self
+
+    def _expand(self) -> None:
+        i64 = np.int64
+        self._gfns = np.concatenate([g + np.arange(n, dtype=i64) for g, _, n, _ in self.runs])
+        self._pfns = np.concatenate([p + np.arange(n, dtype=i64) for _, p, n, _ in self.runs])
+        self._gens = np.concatenate([np.full(n, gen, dtype=np.uint32)
+                                     for _, _, n, gen in self.runs])
+
+    @property
+    def gfns(self):
+        if self._gfns is None:
+            self._expand()
+        return self._gfns
+
+    @property
+    def pfns(self):
+        if self._pfns is None:
+            self._expand()
+        return self._pfns
+
+    @property
+    def gens(self):
+        if self._gens is None:
+            self._expand()
+        return self._gens
 
     @property
     def times(self):

@@ -54,6 +54,55 @@ def _freeze_arrays(spt: np.ndarray, gens: np.ndarray, unless_frozen: bool
     return old, gens
 
 
+_STEP = 1 << S.PFN_SHIFT               # from one 4 KiB page to the next, in an SPTE
+
+
+class LeafRows:
+    """The leaves of tables filled whole at allocation (``alloc_tables``): table
+    ``idx[r]`` gets row r of ``sptes`` and ``gens`` (two (n, 512) arrays)."""
+
+    def __init__(self, idx: list[int], sptes: np.ndarray, gens: np.ndarray):
+        self.idx, self.sptes, self.gens = list(idx), sptes, gens
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sptes[r], self.gens[r]
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per table: its first SPTE, its first generation, and whether its 512 leaves
+        are present, of consecutive pages, with one generation."""
+        fs, fg = self.sptes, self.gens
+        first = fs[:, 0]
+        ok = (first != 0) & (first != _REMOVED) & (fg == fg[:, :1]).all(axis=1) & \
+            (np.diff(fs, axis=1) == U64(_STEP)).all(axis=1)
+        return first, fg[:, 0].astype(np.int64), ok
+
+
+class AffineLeaves:
+    """Leaves given in closed form: table ``idx[r]`` gets ``first[r] + j * STEP`` at entry
+    j (512 consecutive 4 KiB pages, ``first`` a present leaf), all of generation
+    ``gen[r]``.  Costs per table, not per leaf."""
+
+    def __init__(self, idx: list[int], first: np.ndarray, gen: np.ndarray):
+        self.idx = list(idx)
+        self.first = np.asarray(first, dtype=np.uint64)
+        self.gen = np.asarray(gen, dtype=np.int64)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        j = np.arange(S.SPTE_ENTRIES, dtype=np.uint64)
+        return self.first[r] + j * U64(_STEP), np.full(S.SPTE_ENTRIES, self.gen[r],
+                                                      dtype=np.uint32)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.first, self.gen, np.ones(len(self.idx), dtype=bool)
+
+
+def as_leaves(full) -> "LeafRows | AffineLeaves | None":
+    """``full`` as a leaves object: given as one, or as ``(indices, SPTEs, generations)``."""
+    if full is None or isinstance(full, (LeafRows, AffineLeaves)):
+        return full if full is None or len(full.idx) else None
+    return LeafRows(*full) if len(full[0]) else None
+
+
 class PageTableStore(ABC):
     """Allocation, lookup by PFN and freeing of a VM's page-table pages, and the page-table
     accounting (allocated, freed, live, peak).  Subclasses hold the entries."""
@@ -88,24 +137,23 @@ class PageTableStore(ABC):
         return sp
 
     def alloc_tables(self, parent: ShadowPage, idx: list[int], role: int,
-                     full: "tuple[list[int], np.ndarray, np.ndarray] | None" = None
-                     ) -> list[int]:
+                     full=None) -> list[int]:
         """Allocate a table for each entry ``idx`` (ascending) of ``parent`` and link it
         there (a non-leaf SPTE), as that many ``alloc`` and ``write`` calls would, in that
-        order.  ``full = (indices, SPTEs, generations)``: the tables at those indices (a
-        subset of ``idx``, ascending) get all 512 entries at once, row by row of the two
-        (n, 512) arrays.  Returns the tables' PFNs.  A layout may keep full tables as
+        order.  ``full`` (``LeafRows``, ``AffineLeaves`` or ``(indices, SPTEs,
+        generations)``): the tables at its indices (a subset of ``idx``, ascending) get all
+        512 entries at once.  Returns the tables' PFNs.  A layout may keep full tables as
         records instead of SPs (``lookup`` then makes the SP of one when asked for it);
         ids, PFNs and contents are the same either way."""
-        rows = {i: r for r, i in enumerate(full[0])} if full else {}
+        full = as_leaves(full)
+        rows = {i: r for r, i in enumerate(full.idx)} if full else {}
         pfns = []
         for i in idx:
             sp = self.alloc(parent.gfn_of(i), role, (parent, i))
             self.write(parent, i, S.make_nonleaf_spte(sp.pfn), 0)
             r = rows.get(i)
             if r is not None:
-                self.write_many(sp, 0, S.SPTE_ENTRIES, slice(0, S.SPTE_ENTRIES), full[1][r],
-                                full[2][r])
+                self.write_many(sp, 0, S.SPTE_ENTRIES, slice(0, S.SPTE_ENTRIES), *full.row(r))
             pfns.append(sp.pfn)
         return pfns
 
@@ -449,7 +497,7 @@ class CompactStore(PageTableStore):
     detached run), and takes it out of its run.  Tearing a run down (``detach_kids``) and
     freeing it (``free_kids``) cost per run, not per table."""
 
-    STEP = 1 << S.PFN_SHIFT            # consecutive 4 KiB host pages
+    STEP = _STEP                       # consecutive 4 KiB host pages
 
     def __init__(self, host: "Host", name: str = "kvm"):
         super().__init__(host, name)
@@ -468,9 +516,9 @@ class CompactStore(PageTableStore):
     # ---- runs of tables ------------------------------------------------------------------
 
     def alloc_tables(self, parent: ShadowPage, idx: list[int], role: int,
-                     full: "tuple[list[int], np.ndarray, np.ndarray] | None" = None
-                     ) -> list[int]:
-        if parent.level != 2 or not full or not len(full[0]):
+                     full=None) -> list[int]:
+        full = as_leaves(full)
+        if parent.level != 2 or not full:
             return super().alloc_tables(parent, idx, role, full)
         n = len(idx)
         pfns = self.mem.alloc_many(n, f"{self.name}:pt")
@@ -481,18 +529,16 @@ class CompactStore(PageTableStore):
         self.live += n
         self.peak = max(self.peak, self.live)
         ia = np.asarray(idx, dtype=np.int64)
-        fidx, fs, fg = full
         row = np.full(n, -1, dtype=np.int64)
-        row[np.searchsorted(ia, np.asarray(fidx, dtype=np.int64))] = np.arange(len(fidx))
+        row[np.searchsorted(ia, np.asarray(full.idx, dtype=np.int64))] = \
+            np.arange(len(full.idx))
         # a full table can join a run if its 512 leaves are one run of consecutive pages
-        first = fs[:, 0]
-        one_run = (first != 0) & (first != _REMOVED) & (fg == fg[:, :1]).all(axis=1) & \
-            (np.diff(fs, axis=1) == U64(self.STEP)).all(axis=1)
+        first, fgen, one_run = full.affine()
         ok = row >= 0
         ok[ok] = one_run[row[ok]]
         base = np.zeros(n, dtype=np.uint64)
         lgen = np.zeros(n, dtype=np.int64)
-        base[ok], lgen[ok] = first[row[ok]], fg[row[ok], 0]
+        base[ok], lgen[ok] = first[row[ok]], fgen[row[ok]]
         # runs: tables k-1, k in one run if both can, at entries, PFNs (+-1) and
         # generations in a row; a change of PFN or leaf step starts a new run too
         dp = np.diff(pfns)
@@ -518,7 +564,7 @@ class CompactStore(PageTableStore):
                 self.by_pfn[pl[k]] = sp
                 if row[k] >= 0:
                     self.write_many(sp, 0, S.SPTE_ENTRIES, slice(0, S.SPTE_ENTRIES),
-                                    fs[row[k]], fg[row[k]])
+                                    *full.row(int(row[k])))
         # the parent's entries, a stretch of consecutive ones at a time
         ents = U64(S.make_nonleaf_spte(0)) | (pfns.astype(np.uint64) << U64(S.PFN_SHIFT))
         brk = [0, *(np.flatnonzero(np.diff(ia) != 1) + 1).tolist(), n]

@@ -26,7 +26,7 @@ from ..host.workqueue import WorkItem
 from . import spte as S
 from .page import ROLE_INVALID, ShadowPage, make_role
 from .policy import Policy
-from .store import STORES
+from .store import STORES, as_leaves
 from .tdp_iter import TdpIter
 
 if TYPE_CHECKING:
@@ -354,15 +354,16 @@ class TdpMmu:
     # ---- batch operations (the fast-path accelerators' way to change TDP MMU state) -----------
 
     def install_tables(self, parent: ShadowPage, idx: list[int], role: int,
-                       full: "tuple[list[int], np.ndarray, np.ndarray] | None") -> list[int]:
+                       full=None) -> list[int]:
         """Allocate a table for each empty entry ``idx`` of ``parent`` (ascending) and link
-        it, as a fault's tdp_mmu_link_sp does when its cmpxchg wins; ``full`` = (indices,
-        SPTEs, generations): those tables get all 512 4 KiB leaves at once, as
-        ``install_leaves`` would.  Returns the tables' PFNs."""
+        it, as a fault's tdp_mmu_link_sp does when its cmpxchg wins; ``full`` (store.py's
+        ``LeafRows`` / ``AffineLeaves``): those tables get all 512 4 KiB leaves at once,
+        as ``install_leaves`` would.  Returns the tables' PFNs."""
+        full = as_leaves(full)
         pfns = self.pt.alloc_tables(parent, idx, role, full)
         self.nr_pages += len(idx)
         if full:
-            self._update_page_stats(S.PG_LEVEL_4K, S.SPTE_ENTRIES * len(full[0]))
+            self._update_page_stats(S.PG_LEVEL_4K, S.SPTE_ENTRIES * len(full.idx))
         return pfns
 
     def unlink_children(self, th: "Thread", pieces: list, k: int, times: np.ndarray,

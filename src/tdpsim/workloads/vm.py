@@ -47,12 +47,13 @@ class VmHarness:
                  psc_capacity: int | None = None, second_ns: int = 1_000_000_000,
                  trace: Trace | None = None, host_config: dict | None = None,
                  nx_huge_pages: bool = False, nx_recovery_period_ms: int = 0,
-                 huge_pages: int = 512, storage: str = "dense"):
+                 huge_pages: int = 512, storage: str = "dense", first_gfn: int = GPA_4G_GFN):
         costs = costs if isinstance(costs, CostModel) else CostModel(costs or {})
         self.host = Host(HostConfig(ncpus=ncpus, second_ns=second_ns, **(host_config or {})),
                          costs, make_strategy(strategy, seed), granularity, trace)
         self.mm = self.host.mm("vmm")
         self.pages = pages
+        self.first_gfn = first_gfn
         self.memfd = self.mm.memfd_create(pages, hugetlb=hugetlb, huge_pages=huge_pages)
         self.hva = self.mm.mmap(pages, self.memfd)
         self.mm.prefault(self.hva, pages)
@@ -76,8 +77,9 @@ class VmHarness:
     # ---- setup -----------------------------------------------------------------------------
 
     def slot_gfn(self, k: int) -> int:
-        """First gfn of memslot k (1-based), slots back to back from 4 GiB."""
-        return GPA_4G_GFN + (k - 1) * self.pages
+        """First gfn of memslot k (1-based), slots back to back from ``first_gfn`` (4 GiB
+        unless given)."""
+        return self.first_gfn + (k - 1) * self.pages
 
     def add_slot(self, flags: int = 0) -> int:
         k = self.nslots + 1
