@@ -29,6 +29,10 @@ PDE cache knows any of its pages (except that first table's PDE-cache entry), an
 PTEs map consecutive pages of one generation.  A segment is cut where one of these stops
 holding, and the plan stops at the first page that does not qualify: ``populate.py`` and
 the exact path take over from there.
+
+The bulk may also start with the page a fault has just mapped (``_Touched``: its retried
+access, one step), so that a bulk cut between the phases of a fault resumes in closed
+form once the exact path has finished that fault.
 """
 
 from __future__ import annotations
@@ -84,6 +88,28 @@ class _Seg:
         last = ((self.gfn + npages - 1) >> 9) & (S.SPTE_ENTRIES - 1)
         return range(self.first_pde + (self.t0 is not None), last + 1)
 
+    def access_times(self, j: np.ndarray, c: tuple) -> np.ndarray:
+        """When the retried accesses of pages ``j`` start, from the segment's start: the
+        start of each page's third step (what ``steps.start_of(3 * j + 2)`` gives)."""
+        c1, c2, ga, sp = c
+        allocs = self.allocs0 + np.where(j >= self.head, (j - self.head) // PDE_PAGES + 1, 0)
+        return j * (c1 + c2 + ga) + c1 + c2 + sp * allocs
+
+
+class _Touched:
+    """The bulk's first page when a fault has just mapped it: its leaf is present with the
+    access's permissions and Accessed (and Dirty) bits, in the 4 KiB table ``t0``, and
+    the TLB does not hold it.  One step: the access walks and fills the TLB."""
+
+    __slots__ = ("gfn", "n", "slot", "pfn0", "pgen", "l3", "l3i", "l2", "t0", "steps")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def access_times(self, j: np.ndarray, c: tuple) -> np.ndarray:
+        return np.zeros(len(j), dtype=np.int64)
+
 
 class FreshSpans:
     """The closed-form populate bulk of one VM (used by ``Populate.run_bulk``)."""
@@ -108,8 +134,12 @@ class FreshSpans:
         room = th.host.sched.need_resched_at(th.cpu) - kvm.engine.now
         if room <= 0:
             return None
-        segs: list[_Seg] = []
+        segs: list = []
         g, left, total = guest.current()[0], guest.n - guest.pos, 0
+        first = self._touched(vcpu, g, write, ga)
+        if first is not None:
+            segs.append(first)
+            g, left, total = g + 1, left - 1, ga
         while left > 0 and total < room and len(segs) < MAX_SEGMENTS:
             seg = self._segment(vcpu, g, left, write, (c1, c2, ga, sp))
             if seg is None or segs and seg.slot.readonly != segs[0].slot.readonly:
@@ -131,12 +161,47 @@ class FreshSpans:
         plan = _Plan(self, vcpu, th, guest, segs, write, (c1, c2, ga, sp))
         return Bulk(steps.prefix(m), plan.apply, plan.resources(m))
 
+    def _slot(self, g: int, write: bool):
+        """The memslot of g if populate bulks may touch it (see ``populate.py``)."""
+        slot = self.kvm.memslots[0].find(g)
+        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
+                or slot.host_level_pages > 1:
+            return None
+        return slot
+
+    def _touched(self, vcpu, g: int, write: bool, ga: int) -> _Touched | None:
+        """The first page as a ``_Touched`` if it is one."""
+        pt = self.tdp.pt
+        slot = self._slot(g, write)
+        l3 = self.pop._table(vcpu.root, g, 3) if slot is not None else None
+        if l3 is None:
+            return None
+        l3i = S.spte_index(g, 3)
+        tables = [l3]
+        for i in (l3i, S.spte_index(g, 2)):
+            e = pt.read(tables[-1], i)
+            if not S.is_shadow_present_pte(e) or S.is_large_pte(e):
+                return None
+            tables.append(pt.lookup(S.spte_to_pfn(e)))
+        _, l2, t0 = tables
+        i = g & (PDE_PAGES - 1)
+        e = pt.read(t0, i)
+        need = S.SHADOW_ACCESSED | S.EPT_X | ((S.EPT_W | S.SHADOW_DIRTY) if write else 0)
+        if not S.is_shadow_present_pte(e) or (e & need) != need or \
+                bool(e & S.EPT_W) == slot.readonly:
+            return None
+        tlb = vcpu.tlb
+        cached = (tlb.psc.get(2) or {}).get(g >> 9)
+        if tlb.gfns_in(g, g + 1) or cached not in (None, t0.pfn):
+            return None
+        return _Touched(gfn=g, n=1, slot=slot, pfn0=S.spte_to_pfn(e), pgen=pt.gen(t0, i),
+                        l3=l3, l3i=l3i, l2=l2, t0=t0, steps=Run(1, ga))
+
     def _segment(self, vcpu, g: int, left: int, write: bool, c: tuple) -> _Seg | None:
         kvm = self.kvm
         pt = self.tdp.pt
-        slot = kvm.memslots[0].find(g)
-        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
-                or slot.host_level_pages > 1:
+        slot = self._slot(g, write)
+        if slot is None:
             return None
         region_end = ((g >> REGION_SHIFT) + 1) << REGION_SHIFT
         e = min(region_end, slot.end_gfn, g + left)
@@ -210,14 +275,6 @@ def _seg_steps(n: int, head: int, allocs0: int, c1: int, c2: int, ga: int, sp: i
     return Seq(parts)
 
 
-def access_times(seg: _Seg, j: np.ndarray, c: tuple) -> np.ndarray:
-    """When the retried accesses of pages ``j`` of ``seg`` start, from the segment's start:
-    the start of each page's third step (what ``seg.steps.start_of(3 * j + 2)`` gives)."""
-    c1, c2, ga, sp = c
-    allocs = seg.allocs0 + np.where(j >= seg.head, (j - seg.head) // PDE_PAGES + 1, 0)
-    return j * (c1 + c2 + ga) + c1 + c2 + sp * allocs
-
-
 class _Plan:
     """The effects of the first k steps of a closed-form populate bulk (``Bulk.apply``),
     through the owners' batch operations, as ``populate._Plan`` applies them page by
@@ -250,6 +307,13 @@ class _Plan:
         for s, off in zip(self.segs, self.offs_n):
             if off >= m:
                 break
+            if isinstance(s, _Touched):               # a walk: reads only
+                i = s.gfn & (PDE_PAGES - 1)
+                add(tables, s.l3, s.l3i, s.l3i + 1)
+                p = S.spte_index(s.gfn, 2)
+                add(tables, s.l2, p, p + 1)
+                add(tables, s.t0, i, i + 1)
+                continue
             npages = min(s.n, -(-(m - off) // 3))     # pages the bulk reaches
             add(vmas, s.vma, s.i0, s.i0 + npages)
             if s.l2 is None:                          # the fault links a level-2 table
@@ -279,14 +343,19 @@ class _Plan:
         tail = []                               # (segment, its start time, pages done)
         last = None
         for s, off_n, off_t in zip(self.segs, self.offs_n, self.offs_t):
-            ks = min(k - off_n, 3 * s.n)
+            ks = min(k - off_n, s.steps.n)
             if ks <= 0:
                 break
-            done, rem = divmod(ks, 3)
-            na, nb = done + (rem >= 1), done + (rem >= 2)
+            if isinstance(s, _Touched):
+                na = nb = rem = 0
+                done = 1
+                tlb.psc_fill_new(2, np.array([s.gfn], dtype=np.int64), [s.t0.pfn])
+            else:
+                done, rem = divmod(ks, 3)
+                na, nb = done + (rem >= 1), done + (rem >= 2)
+                kvm.mm.mark_young_range(s.vma, s.i0, na)
+                self._psc(s, na, done, self._map(s, nb, wp) if nb else [])
             na_all, nb_all, done_all = na_all + na, nb_all + nb, done_all + done
-            kvm.mm.mark_young_range(s.vma, s.i0, na)
-            self._psc(s, na, done, self._map(s, nb, wp) if nb else [])
             tlb.count_misses(na + done)
             if done:
                 runs.append((s.gfn, s.pfn0, done, s.pgen))
@@ -381,12 +450,12 @@ class _Plan:
             g.append(s.gfn + j)
             p.append(s.pfn0 + j)
             gen.append(np.full(len(j), s.pgen, dtype=np.uint32))
-            t.append(self.t0 + off_t + access_times(s, j, self.costs))
+            t.append(self.t0 + off_t + s.access_times(j, self.costs))
             want -= len(j)
         cat = np.concatenate
         tlb.fill_many(cat(g[::-1]), cat(p[::-1]), cat(gen[::-1]), cat(t[::-1]),
                       not self.segs[0].slot.readonly, self.write)
 
     def _times(self, tail: list) -> np.ndarray:
-        return np.concatenate([self.t0 + off_t + access_times(s, np.arange(done), self.costs)
+        return np.concatenate([self.t0 + off_t + s.access_times(np.arange(done), self.costs)
                                for s, off_t, done in tail])
