@@ -15,7 +15,7 @@ from tdpsim.host.host import Host
 from tdpsim.host.memory import POISON
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.page import make_role
-from tdpsim.mmu.store import CompactStore, DenseStore
+from tdpsim.mmu.store import AffineLeaves, CompactStore, DenseStore
 
 STORES = [DenseStore, CompactStore]
 N = S.SPTE_ENTRIES
@@ -255,6 +255,9 @@ def _run_tables(store, ops):
                 page += stride
             full = (full_idx, np.array(rows, dtype=np.uint64).reshape(-1, N),
                     np.array(gens, dtype=np.uint32).reshape(-1, N)) if full_idx else None
+            if full and lo % 2 and "odd" not in kinds[:len(idx)]:
+                # the same leaves in closed form (what the fresh populate bulk passes)
+                full = AffineLeaves(full_idx, full[1][:, 0], full[2][:, 0])
             pfns = store.alloc_tables(parent, idx, role, full)
             made += list(zip(idx, pfns))
         elif kind == "look" and made:

@@ -37,6 +37,7 @@ form once the exact path has finished that fault.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -260,9 +261,11 @@ class FreshSpans:
                     steps=_seg_steps(n, head, allocs0, *c))
 
 
+@lru_cache(maxsize=256)
 def _seg_steps(n: int, head: int, allocs0: int, c1: int, c2: int, ga: int, sp: int) -> Seq:
     """Three steps per page (phase 1, phase 2, the retried access); phase 2 of the first
-    page allocates ``allocs0`` tables, that of the first page of every later PDE one."""
+    page allocates ``allocs0`` tables, that of the first page of every later PDE one.
+    (Cached: step structures are immutable, and whole regions all look alike.)"""
     def page(allocs: int) -> Seq:
         return Seq((Run(1, c1), Run(1, c2 + allocs * sp), Run(1, ga)))
     plain = page(0)

@@ -149,6 +149,31 @@ class PageAllocator(Resource):
         self.peak = max(self.peak, self.allocated)
         return first
 
+    def alloc_seq(self, n: int, owner: str = "") -> tuple[int, int] | None:
+        """``alloc_many(n)`` when the pages it would hand out are first, first + step, ...
+        (step +1 or -1) of one generation: then at a cost independent of n, returning
+        ``(first, step)``.  None (nothing allocated) otherwise."""
+        if not self._free.n:
+            return self.alloc_run(n, owner), 1
+        if self._free.n < n:
+            return None
+        if self.total is not None and self.allocated + n > self.total:
+            raise MemoryError("host out of memory")
+        got = self._free.pop_run(n)
+        if got is None:
+            return None
+        first, step = got
+        lo = first if step > 0 else first - n + 1
+        v = self._pages.constant_over(lo, lo + n - 1)
+        if v is None:                           # mixed generations: hand them back
+            self._free.push_run(first + step * (n - 1), n, -step)
+            return None
+        self._pages.assign(lo, lo + n, (v & ~1) + 3, 0, (1, owner))    # gen + 1, allocated
+        self.allocated += n
+        self.allocs += n
+        self.peak = max(self.peak, self.allocated)
+        return first, step
+
     def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
         """Bookkeeping shared by the bulk allocators: each page's generation goes up."""
         v = self._pages.values(out)
@@ -191,21 +216,22 @@ class PageAllocator(Resource):
         self.allocated -= len(good)
         self.frees += len(good)
 
-    def free_run(self, first: int, n: int, who=None) -> None:
-        """Free pages first, first + 1, ..., in that order (``free_many`` of them), at a
-        cost per run of their state rather than per page."""
-        runs = list(self._pages.runs(first, first + n))
+    def free_run(self, first: int, n: int, who=None, step: int = 1) -> None:
+        """Free pages first, first + step, ... (n of them, step +1 or -1), in that order
+        (``free_many`` of them), at a cost per run of their state rather than per page."""
+        lo = first if step > 0 else first - n + 1
+        runs = list(self._pages.runs(lo, lo + n))
         if any(not v & 1 for _, _, v, _, _ in runs) or self.contents:
-            self.free_many(np.arange(first, first + n, dtype=np.int64), who)
+            self.free_many(first + step * np.arange(n, dtype=np.int64), who)
             return
         eng = self.host.engine
         if self.bulks:
             eng.settle(self)
         if eng.check_settle:
             eng.assert_settled(self, None, None, False)
-        for lo, hi, v, _, tag in runs:
-            self._pages.assign(lo, hi, v - 1, 0, tag)
-        self._free.push_run(first, n, 1)
+        for a, b, v, _, tag in runs:
+            self._pages.assign(a, b, v - 1, 0, tag)
+        self._free.push_run(first, n, step)
         self.allocated -= n
         self.frees += n
 

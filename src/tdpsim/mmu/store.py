@@ -521,13 +521,12 @@ class CompactStore(PageTableStore):
         if parent.level != 2 or not full:
             return super().alloc_tables(parent, idx, role, full)
         n = len(idx)
+        one = self._one_run(parent, idx, role, full)
+        if one is not None:
+            return one
         pfns = self.mem.alloc_many(n, f"{self.name}:pt")
         pgens = self.mem.gens_of(pfns).astype(np.int64)
-        id0 = self._next_id
-        self._next_id += n
-        self.allocated += n
-        self.live += n
-        self.peak = max(self.peak, self.live)
+        id0 = self._count_new(n)
         ia = np.asarray(idx, dtype=np.int64)
         row = np.full(n, -1, dtype=np.int64)
         row[np.searchsorted(ia, np.asarray(full.idx, dtype=np.int64))] = \
@@ -573,6 +572,40 @@ class CompactStore(PageTableStore):
                             ents[s0:s1], 0)
         return pl
 
+    def _count_new(self, n: int) -> int:
+        """Account n new tables; returns the first's id."""
+        id0 = self._next_id
+        self._next_id += n
+        self.allocated += n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        return id0
+
+    def _one_run(self, parent: ShadowPage, idx: list[int], role: int, full) -> list[int] | None:
+        """``alloc_tables`` when its outcome is one run, at a cost independent of n: every
+        table full, at entries in a row, with leaves in closed form continuing from one
+        table to the next, and PFNs from the allocator in a row of one generation.  None
+        (nothing done) otherwise."""
+        n = len(idx)
+        if not isinstance(full, AffineLeaves) or full.idx != idx or idx[-1] - idx[0] != n - 1:
+            return None
+        first, gen = full.first, full.gen
+        dbase = int(first[1]) - int(first[0]) if n > 1 else 0
+        if n > 1 and ((np.diff(first.astype(np.int64)) != dbase).any() or
+                      (gen != gen[0]).any()):
+            return None
+        got = self.mem.alloc_seq(n, f"{self.name}:pt")
+        if got is None:
+            return None
+        pfn0, dpfn = got
+        pfns = list(range(pfn0, pfn0 + dpfn * n, dpfn))
+        self._add_kids(KidRun(parent, idx[0], idx[0] + n, self._count_new(n), pfn0, dpfn,
+                              self.mem.gen_of(pfn0), int(first[0]), dbase, int(gen[0]), role))
+        ents = U64(S.make_nonleaf_spte(0)) | (np.asarray(pfns, dtype=np.uint64)
+                                               << U64(S.PFN_SHIFT))
+        self.write_many(parent, idx[0], idx[0] + n, slice(idx[0], idx[0] + n), ents, 0)
+        return pfns
+
     def _add_kids(self, kr: KidRun) -> None:
         """Link a new run into its parent's list (ordered by entry) and into ``_virt``."""
         parent = kr.parent
@@ -614,9 +647,16 @@ class CompactStore(PageTableStore):
         kr = self._kid_run_at(parent, i)
         if kr is None:
             return None
-        c = 1                                   # linked runs hold full, plain tables
-        while at + c < len(idx) and idx[at + c] == i + c and i + c < kr.hi:
-            c += 1
+        # linked runs hold full, plain tables: the piece goes on while idx does, in a row
+        # (idx ascends, so idx[at + d] == i + d says the d entries between are all there)
+        lo, hi = 1, min(kr.hi - i, len(idx) - at)
+        while lo < hi:                          # the largest c <= hi with idx in a row
+            mid = (lo + hi + 1) // 2
+            if idx[at + mid - 1] == i + mid - 1:
+                lo = mid
+            else:
+                hi = mid - 1
+        c = lo
         if kr.lo != i:                          # start the piece at i: split the run there
             kr = self._split_run(kr, i)
         return kr, c
@@ -701,15 +741,15 @@ class CompactStore(PageTableStore):
         """Free the tables of a detached run (its RCU callback), in table order, as that
         many ``free`` calls would; tables made SPs since (``lookup``) are freed as SPs."""
         n = batch.n
-        pfns = batch.pfn0 + batch.dpfn * np.arange(n, dtype=np.int64)
-        a, b = min(int(pfns[0]), int(pfns[-1])), max(int(pfns[0]), int(pfns[-1])) + 1
-        virtual = self._virt.values(pfns) >= 0
-        for p in pfns[~virtual].tolist():           # SPs made of some of them
+        last = batch.pfn0 + batch.dpfn * (n - 1)
+        a, b = min(batch.pfn0, last), max(batch.pfn0, last) + 1
+        made = [(lo, hi) for lo, hi, v, _, _ in self._virt.runs(a, b) if v < 0]
+        for p in (p for lo, hi in made for p in range(lo, hi)):   # SPs made of some
             sp = self.by_pfn.pop(p)
             sp.freed = True
             self._poison(sp)
         self._virt.assign(a, b, -1)
-        self.mem.free_many(pfns, who)
+        self.mem.free_run(batch.pfn0, n, who, batch.dpfn)
         self.freed += n
         self.live -= n
 

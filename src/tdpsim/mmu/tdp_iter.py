@@ -19,6 +19,8 @@ from __future__ import annotations
 from itertools import count
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
+
 from .spte import (SPTE_ENTRIES, is_last_spte, is_shadow_present_pte, pages_per_hpage,
                    present_mask, round_gfn_for_level, spte_index,
                    spte_to_pfn)
@@ -173,6 +175,15 @@ def for_each_leaf(pt: "PageTableStore", root: "ShadowPage", start: int, end: int
         it.next()
 
 
+def _skip_absent(pt: "PageTableStore", it: TdpIter, end: int) -> None:
+    """On an absent entry of an upper-level table: stand on the last entry before the
+    next present one of the table (or on the last the walk visits), as side steps would,
+    so that ``next`` goes on from there (look-only walks skip empty stretches at once)."""
+    hi = it.table_end(end)
+    pres = np.flatnonzero(present_mask(pt.entries(it.sp, it.index, hi)))
+    it.step_side_to(it.index + int(pres[0]) - 1 if len(pres) else hi - 1)
+
+
 def count_leaves(pt: "PageTableStore", root: "ShadowPage", g0: int, g1: int) -> int:
     """Present leaves of ``root`` mapping a gfn in [g0, g1) (REMOVED excluded).  A table
     the store keeps in a run of full tables counts without being walked."""
@@ -191,6 +202,8 @@ def count_leaves(pt: "PageTableStore", root: "ShadowPage", g0: int, g1: int) -> 
                 n += min(g1, it.gfn + SPTE_ENTRIES) - max(g0, it.gfn)
                 it.step_over()
                 continue
+        else:
+            _skip_absent(pt, it, g1)
         it.next()
     return n
 
@@ -212,5 +225,7 @@ def count_present(pt: "PageTableStore", root: "ShadowPage") -> int:
                 n += SPTE_ENTRIES           # a full table kept in a run
                 it.step_over()
                 continue
+        else:
+            _skip_absent(pt, it, end)
         it.next()
     return n

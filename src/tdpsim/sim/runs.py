@@ -299,6 +299,20 @@ class FreeStack:
         self.n -= 1
         return p
 
+    def pop_run(self, k: int) -> tuple[int, int] | None:
+        """Pop the next ``k`` pages if they come from one run: ``(first, step)``, the pages
+        being first, first + step, ... (step +1 or -1); None (nothing popped) if not."""
+        first, last, d = self._runs[-1]
+        count = (last - first) * d + 1 if d else 1
+        if count < k:
+            return None
+        if count == k:
+            self._runs.pop()
+        else:
+            self._runs[-1][1] = last - d * k
+        self.n -= k
+        return last, -d or 1
+
     def pop_many(self, k: int) -> np.ndarray:
         """The next ``k`` pages ``pop`` would give, in that order."""
         out = np.empty(k, dtype=np.int64)
