@@ -47,6 +47,9 @@ EXCERPT = 24
 #: unlinks (one per table, 512 per 1 GiB torn down: they would fill every excerpt)
 NOT_IN_EXCERPT = frozenset({"guest_accesses", "sp_unlinked", "sps_unlinked"})
 
+#: observations of many at once, put into excerpts one entry each by their handlers
+_BATCHES = frozenset({"sps_freed", "remote_flushes"})
+
 #: host report kinds that are findings (the rest are monitor material)
 FINDING_REPORTS = {"warn", "use_after_free", "double_free", "refcount_underflow",
                    "invalid_root_gains_spte", "removed_written_by_non_owner"}
@@ -97,7 +100,7 @@ class Checker:
 
     def _on_observe(self, kind: str, **f) -> None:
         t = f.get("t", self.host.engine.now)
-        if kind not in NOT_IN_EXCERPT and kind != "sps_freed":   # the latter: per table
+        if kind not in NOT_IN_EXCERPT and kind not in _BATCHES:
             self.recent.append(("kvm", t, kind, f.get("task") or _name(f.get("vcpu"))))
         handler = getattr(self, "_on_" + kind, None)
         if handler is not None:
@@ -134,6 +137,8 @@ class Checker:
         if not tlb:
             return
         for v in self.kvm.vcpus:
+            if v.bulks:                     # a bulk may owe it a flush request
+                self.host.engine.settle(v)
             if KVM_REQ_TLB_FLUSH in v.requests and v.mode != IN_GUEST_MODE:
                 continue    # it flushes before it can enter the guest again
             if v.root is None or v.root.invalid:
@@ -211,6 +216,11 @@ class Checker:
             self.recent.append(("kvm", t, "sp_freed", None))
             self._freed_before_flush(tables.id0 + k, tables.level, tables.root,
                                      int(tables.unlink_t[k]))
+
+    def _on_remote_flushes(self, times, task: str, **_) -> None:
+        """Remote TLB flushes that a bulk made back to back (``remote_flush`` each)."""
+        for t in times[-EXCERPT:].tolist():
+            self.recent.append(("kvm", t, "remote_flush", task))
 
     # ---- roots ------------------------------------------------------------------------------
 

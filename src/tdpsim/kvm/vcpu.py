@@ -220,6 +220,8 @@ class Vcpu(Resource):
         """Requests, MMU reload and need_resched before (re-)entering the guest."""
         kvm = self.kvm
         host = kvm.host
+        if self.bulks:                  # another task's bulk may owe it a request
+            kvm.engine.settle(self)
         if self.mode != OUTSIDE_GUEST_MODE and (self.requests or host.sched.need_resched(th)):
             # a request (IPI) or the tick makes the guest exit first: a vCPU never
             # reschedules or handles requests while it is marked in guest mode

@@ -189,6 +189,19 @@ class Kvm:
             self.stat["remote_tlb_flush"] += 1
         self.observe("remote_flush", t=self.engine.now, task=th.name)
 
+    def account_idle_flushes(self, th: "Thread", n: int, done_times) -> None:
+        """``n`` kvm_flush_remote_tlbs calls made while no vCPU is in guest mode (a fast-mode
+        bulk of them): each counts a request and sets KVM_REQ_TLB_FLUSH on every vCPU
+        (nobody to kick or wait for); those that have returned, at ``done_times``, are
+        observed as one batch.  The caller has settled the vCPUs and declares them."""
+        if not n:
+            return
+        self.stat["remote_tlb_flush_requests"] += n
+        for v in self.vcpus:
+            v.requests.add(KVM_REQ_TLB_FLUSH)
+        if len(done_times):
+            self.observe("remote_flushes", times=done_times, task=th.name)
+
     def flush_remote_tlbs_with_address(self, th: "Thread", gfn: int, npages: int) -> Generator:
         """Without Hyper-V enlightenments a range flush is a full flush."""
         yield from self.flush_remote_tlbs(th)

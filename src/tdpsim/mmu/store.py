@@ -443,7 +443,7 @@ class KidRun(Resource):
     declares it, and making an SP of one of them (``lookup``) settles that bulk first."""
 
     __slots__ = ("parent", "lo", "hi", "id0", "pfn0", "dpfn", "pgen", "base0", "dbase",
-                 "lgen", "role", "unlink_t")
+                 "lgen", "role", "unlink_t", "rest")
 
     def __init__(self, parent, lo, hi, id0, pfn0, dpfn, pgen, base0, dbase, lgen, role,
                  unlink_t=None):
@@ -453,6 +453,8 @@ class KidRun(Resource):
         self.base0, self.dbase, self.lgen, self.role = base0, dbase, lgen, role
         #: None while linked; then the unlink time of each table (np.int64 array)
         self.unlink_t: np.ndarray | None = unlink_t
+        #: the run that took over the tables after those ``detach_kids`` took from it
+        self.rest: KidRun | None = None
 
     @property
     def n(self) -> int:
@@ -719,7 +721,8 @@ class CompactStore(PageTableStore):
     def detach_kids(self, kr: KidRun, k: int, times: np.ndarray) -> "TableBatch":
         """handle_removed_pt of the first ``k`` tables of the linked run ``kr``, at once:
         they are unlinked (at ``times``) and frozen (REMOVED): a detached run until
-        ``free_kids``.  Returns what they were (for the RCU callback and the oracles)."""
+        ``free_kids``.  Returns what they were (for the RCU callback and the oracles); the
+        tables after them stay linked, as the run ``rest_of(kr)``."""
         assert kr.unlink_t is None and 0 < k <= kr.n and kr.parent.freed is False
         if kr.bulks:
             self.engine.settle(kr)
@@ -734,8 +737,14 @@ class CompactStore(PageTableStore):
             rest = kr.part(k, kr.n)
             kids[at] = rest
             self._tag(rest)
+            kr.rest = rest
         self._tag(gone)
         return TableBatch(gone.id0, k, gone.pfn0, gone.dpfn, gone.unlink_t, kr.parent.root)
+
+    @staticmethod
+    def rest_of(kr: KidRun) -> KidRun:
+        """The run holding the tables of ``kr`` that ``detach_kids`` left linked."""
+        return kr.rest
 
     def free_kids(self, batch: "TableBatch", who=None) -> None:
         """Free the tables of a detached run (its RCU callback), in table order, as that

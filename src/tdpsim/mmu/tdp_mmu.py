@@ -367,20 +367,23 @@ class TdpMmu:
         return pfns
 
     def unlink_children(self, th: "Thread", pieces: list, k: int, times: np.ndarray,
-                        shared: bool) -> None:
+                        shared: bool, queue: int | None = None) -> list:
         """handle_removed_pt of the first ``k`` children in ``pieces`` (plain full leaf
         tables of a removed table, as ``PageTableStore.removable_children`` gives them),
-        child j at ``times[j]``: unlink, freeze, zap its 512 leaves (statistics),
-        call_rcu(free).  The caller has checked that their leaves' pages are live (no
-        write-back to report) and that an RCU grace period is running (when a callback is
-        queued does not matter then); 5.18 only (no flush per table).  The callbacks are
-        queued as one batch: nothing can come between them."""
+        child j at ``times[j]``: unlink, freeze, zap its 512 leaves (statistics), and
+        call_rcu(free) for the first ``queue`` of them (all by default).  The caller has
+        checked that their leaves' pages are live (no write-back to report) and that an
+        RCU grace period is running (when a callback is queued does not matter then); it
+        does any flush per table.  The callbacks are queued as one batch: nothing can come
+        between them.  Returns the frees not queued, for ``free_children``."""
         pt = self.pt
         kvm = self.kvm
-        done, frees = 0, []
+        queue = k if queue is None else queue
+        done, frees, later = 0, [], []
         for piece in pieces:
             if done == k:
                 break
+            dst = frees if done < queue else later
             if isinstance(piece, ShadowPage):
                 sp, t = piece, int(times[done])
                 pt.settle_all(sp)
@@ -389,18 +392,32 @@ class TdpMmu:
                 if kvm.observers:
                     kvm.observe("sp_unlinked", sp=sp, t=t, task=th.name)
                 pt.freeze_all(sp, unless_frozen=shared)
-                frees.append(sp)
+                dst.append(sp)
                 done += 1
                 continue
             run, c = piece
             c = min(c, k - done)
-            batch = pt.detach_kids(run, c, times[done:done + c])
-            if kvm.observers:
-                kvm.observe("sps_unlinked", tables=batch, t=int(times[done]), task=th.name)
-            frees.append(batch)
-            done += c
+            while c:                        # (in two parts if it straddles ``queue``)
+                part = queue - done if done < queue < done + c else c
+                batch = pt.detach_kids(run, part, times[done:done + part])
+                if kvm.observers:
+                    kvm.observe("sps_unlinked", tables=batch, t=int(times[done]),
+                                task=th.name)
+                (frees if done < queue else later).append(batch)
+                done += part
+                c -= part
+                if c:
+                    run = pt.rest_of(run)
         self.nr_pages -= k
         self._update_page_stats(S.PG_LEVEL_4K, -S.SPTE_ENTRIES * k)
+        self.free_children(frees, queue)
+        return later
+
+    def free_children(self, frees: list, n: int) -> None:
+        """call_rcu(free) for the ``n`` tables of ``frees`` (SPs and batches of a run, in
+        order), queued back to back."""
+        if not n:
+            return
 
         def free_all() -> None:
             for f in frees:
@@ -408,7 +425,7 @@ class TdpMmu:
                     self._free_sp_rcu(f)
                 else:
                     self._free_kids_rcu(f)
-        self.host.rcu.call_rcu(free_all, k)
+        self.host.rcu.call_rcu(free_all, n)
 
     def _free_kids_rcu(self, batch) -> None:
         """tdp_mmu_free_sp_rcu_callback for each table of a batch, in order."""
