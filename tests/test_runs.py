@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from tdpsim.sim.runs import FreeStack, RunMap
+from tdpsim.sim.runs import FreeStack, RunMap, ShardedRunMap
 
 KEYS = 40
 TAGS = st.sampled_from([None, "a", ("b", 1)])
@@ -55,6 +55,24 @@ def test_runmap_matches_per_key_model(affine, ops):
     assert got == ref[3:30]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(assign_op, max_size=25))
+def test_sharded_runmap_reads_as_one_runmap(ops):
+    """Shards of 8 keys: runs crossing shard edges read the same as in one map."""
+    m, ref = ShardedRunMap(bits=3), [(0, None)] * (KEYS + 2)
+    assert m.empty()
+    for _, a, b, value, step, tag in ops:
+        if a < b:
+            m.assign(a, b, value, step, tag)
+            for k in range(a, b):
+                ref[k] = (value + step * (k - a), tag)
+    assert [m.get(k) for k in range(KEYS + 2)] == ref
+    got = []
+    for lo, hi, v, step, tag in m.runs(3, 30):
+        got += [(v + step * (k - lo), tag) for k in range(lo, hi)]
+    assert got == ref[3:30]
+
+
 def test_uniform_state_is_one_run():
     m = RunMap(-1)
     for k in range(100):                    # page by page, consecutive values: one run
@@ -68,10 +86,11 @@ def test_uniform_state_is_one_run():
 
 push_op = st.tuples(st.just("push"), st.lists(st.integers(1, 30), max_size=8))
 pop_op = st.tuples(st.just("pop"), st.integers(0, 8))
+drop_op = st.tuples(st.just("drop"), st.integers(0, 8))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(push_op, pop_op), max_size=30))
+@given(st.lists(st.one_of(push_op, pop_op, drop_op), max_size=30))
 @example([("push", [5, 6, 7]), ("pop", 2), ("push", [6, 5]), ("pop", 3)])
 def test_freestack_is_a_lifo_stack(ops):
     fs, ref = FreeStack(), []
@@ -82,6 +101,12 @@ def test_freestack_is_a_lifo_stack(ops):
             else:
                 fs.push_many(np.array(arg, dtype=np.int64))
             ref += arg
+        elif kind == "drop":                # look at the top runs, then pop them
+            k = min(arg, len(ref))
+            seen = [p + d * j for p, d, c in fs.top_runs(k) for j in range(c)]
+            assert seen == ref[::-1][:k]
+            fs.drop(k)
+            del ref[len(ref) - k:]
         else:
             k = min(arg, len(ref))
             if k == 1:

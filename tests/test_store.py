@@ -255,9 +255,11 @@ def _run_tables(store, ops):
                 page += stride
             full = (full_idx, np.array(rows, dtype=np.uint64).reshape(-1, N),
                     np.array(gens, dtype=np.uint32).reshape(-1, N)) if full_idx else None
-            if full and lo % 2 and "odd" not in kinds[:len(idx)]:
+            if full and lo % 2 and "odd" not in kinds[:len(idx)] and \
+                    full_idx == list(range(full_idx[0], full_idx[0] + len(full_idx))):
                 # the same leaves in closed form (what the fresh populate bulk passes)
-                full = AffineLeaves(full_idx, full[1][:, 0], full[2][:, 0])
+                full = AffineLeaves(full_idx[0], len(full_idx), int(full[1][0, 0]),
+                                    stride * STEP, 1)
             pfns = store.alloc_tables(parent, idx, role, full)
             made += list(zip(idx, pfns))
         elif kind == "look" and made:

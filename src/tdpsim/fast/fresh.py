@@ -142,7 +142,8 @@ class FreshSpans:
             segs.append(first)
             g, left, total = g + 1, left - 1, ga
         while left > 0 and total < room and len(segs) < MAX_SEGMENTS:
-            seg = self._segment(vcpu, g, left, write, (c1, c2, ga, sp))
+            seg = self._segment(vcpu, g, left, write, (c1, c2, ga, sp),
+                                segs[-1].l3 if segs else None)
             if seg is None or segs and seg.slot.readonly != segs[0].slot.readonly:
                 break                           # (the TLB fills take one writable flag)
             segs.append(seg)
@@ -198,7 +199,10 @@ class FreshSpans:
         return _Touched(gfn=g, n=1, slot=slot, pfn0=S.spte_to_pfn(e), pgen=pt.gen(t0, i),
                         l3=l3, l3i=l3i, l2=l2, t0=t0, steps=Run(1, ga))
 
-    def _segment(self, vcpu, g: int, left: int, write: bool, c: tuple) -> _Seg | None:
+    def _segment(self, vcpu, g: int, left: int, write: bool, c: tuple,
+                 l3=None) -> _Seg | None:
+        """The segment from g (``left`` pages at most); ``l3``: the level-3 table of the
+        segment before it, which this one is likely to share."""
         kvm = self.kvm
         pt = self.tdp.pt
         slot = self._slot(g, write)
@@ -207,9 +211,10 @@ class FreshSpans:
         region_end = ((g >> REGION_SHIFT) + 1) << REGION_SHIFT
         e = min(region_end, slot.end_gfn, g + left)
         # the path: the level-3 table, the region's level-2 entry
-        l3 = self.pop._table(vcpu.root, g, 3)
-        if l3 is None:
-            return None
+        if l3 is None or not l3.gfn <= g < l3.gfn + l3.span():
+            l3 = self.pop._table(vcpu.root, g, 3)
+            if l3 is None:
+                return None
         l3i = S.spte_index(g, 3)
         ent = pt.read(l3, l3i)
         l2 = t0 = None
@@ -398,11 +403,10 @@ class _Plan:
         rb = s.region_base
         full = range(max(new.start, -(-(s.gfn - rb) // PDE_PAGES)),
                      min(new.stop, (end - rb) // PDE_PAGES))
-        first = s.pfn0 - s.gfn + rb + PDE_PAGES * np.arange(full.start, full.stop,
-                                                             dtype=np.int64)
-        leaves = AffineLeaves(list(full), base + (first.astype(np.uint64)
-                                                  << np.uint64(S.PFN_SHIFT)),
-                              np.full(len(full), s.pgen, dtype=np.int64))
+        step = 1 << S.PFN_SHIFT
+        leaves = AffineLeaves(full.start, len(full),
+                              int(base) + (s.pfn0 - s.gfn + rb + PDE_PAGES * full.start) * step,
+                              PDE_PAGES * step, s.pgen)
         pfns = tdp.install_tables(l2, list(new), make_role(1, as_id, wp), leaves)
         # the tables not filled whole: the first PDE's (new or not) and the last new one
         parts = []

@@ -149,30 +149,33 @@ class PageAllocator(Resource):
         self.peak = max(self.peak, self.allocated)
         return first
 
-    def alloc_seq(self, n: int, owner: str = "") -> tuple[int, int] | None:
-        """``alloc_many(n)`` when the pages it would hand out are first, first + step, ...
-        (step +1 or -1) of one generation: then at a cost independent of n, returning
-        ``(first, step)``.  None (nothing allocated) otherwise."""
-        if not self._free.n:
-            return self.alloc_run(n, owner), 1
-        if self._free.n < n:
-            return None
+    def alloc_runs(self, n: int, owner: str = "") -> list[tuple[int, int, int]] | None:
+        """``alloc_many(n)`` at a cost per run rather than per page, when the pages it would
+        hand out come in runs of one generation each: returns them as ``(first, step,
+        count)`` (pages first, first + step, ..., step +-1), in order.  None (nothing
+        allocated) when a run mixes generations."""
         if self.total is not None and self.allocated + n > self.total:
             raise MemoryError("host out of memory")
-        got = self._free.pop_run(n)
-        if got is None:
-            return None
-        first, step = got
-        lo = first if step > 0 else first - n + 1
-        v = self._pages.constant_over(lo, lo + n - 1)
-        if v is None:                           # mixed generations: hand them back
-            self._free.push_run(first + step * (n - 1), n, -step)
-            return None
-        self._pages.assign(lo, lo + n, (v & ~1) + 3, 0, (1, owner))    # gen + 1, allocated
+        runs = self._free.top_runs(n)
+        vals = []
+        for first, step, count in runs:
+            lo = first if step > 0 else first - count + 1
+            v = self._pages.constant_over(lo, lo + count - 1)
+            if v is None:
+                return None
+            vals.append((lo, count, v))
+        self._free.drop(sum(c for _, _, c in runs))
+        for lo, count, v in vals:
+            self._pages.assign(lo, lo + count, (v & ~1) + 3, 0, (1, owner))  # gen + 1
+        fresh = n - sum(c for _, _, c in runs)
+        if fresh:
+            runs.append((self._next, 1, fresh))
+            self._pages.assign(self._next, self._next + fresh, 3, 0, (1, owner))
+            self._next += fresh
         self.allocated += n
         self.allocs += n
         self.peak = max(self.peak, self.allocated)
-        return first, step
+        return runs
 
     def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
         """Bookkeeping shared by the bulk allocators: each page's generation goes up."""

@@ -158,6 +158,11 @@ class Tlb:
         d = self.psc.setdefault(level, OrderedDict())
         keys = (np.asarray(gfns, dtype=np.int64) >> ((level - 1) * S.LEVEL_BITS)).tolist()
         cap = self.psc_capacity
+        if cap is not None and len(keys) >= cap and not any(k in d for k in keys):
+            # all miss and fill: the newest cap of them are what stays
+            d.clear()
+            d.update(zip(keys[-cap:], pfns[-cap:]))
+            return
         old = {k: r for r, k in enumerate(d)}           # rank in LRU order, oldest 0
         m = len(old)
         hits = set()

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..host.memory import POISON
 from ..sim.engine import Resource
-from ..sim.runs import RunMap
+from ..sim.runs import ShardedRunMap
 from . import spte as S
 from .page import ShadowPage
 from .tdp_iter import TdpIter
@@ -78,27 +78,33 @@ class LeafRows:
 
 
 class AffineLeaves:
-    """Leaves given in closed form: table ``idx[r]`` gets ``first[r] + j * STEP`` at entry
-    j (512 consecutive 4 KiB pages, ``first`` a present leaf), all of generation
-    ``gen[r]``.  Costs per table, not per leaf."""
+    """Leaves in closed form: the ``n`` tables at entries ``idx0 ..`` in a row; table r
+    gets ``first0 + r * dfirst + j * STEP`` at entry j (512 consecutive 4 KiB pages,
+    ``first0`` a present leaf), all of generation ``gen``.  Costs nothing per table."""
 
-    def __init__(self, idx: list[int], first: np.ndarray, gen: np.ndarray):
-        self.idx = list(idx)
-        self.first = np.asarray(first, dtype=np.uint64)
-        self.gen = np.asarray(gen, dtype=np.int64)
+    def __init__(self, idx0: int, n: int, first0: int, dfirst: int, gen: int):
+        self.idx0, self.n, self.first0, self.dfirst, self.gen = idx0, n, first0, dfirst, gen
+
+    @property
+    def idx(self) -> list[int]:
+        return list(range(self.idx0, self.idx0 + self.n))
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         j = np.arange(S.SPTE_ENTRIES, dtype=np.uint64)
-        return self.first[r] + j * U64(_STEP), np.full(S.SPTE_ENTRIES, self.gen[r],
-                                                      dtype=np.uint32)
+        return U64(self.first0 + r * self.dfirst) + j * U64(_STEP), \
+            np.full(S.SPTE_ENTRIES, self.gen, dtype=np.uint32)
 
     def affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.first, self.gen, np.ones(len(self.idx), dtype=bool)
+        r = np.arange(self.n, dtype=np.int64)
+        return (self.first0 + self.dfirst * r).astype(np.uint64), \
+            np.full(self.n, self.gen, dtype=np.int64), np.ones(self.n, dtype=bool)
 
 
 def as_leaves(full) -> "LeafRows | AffineLeaves | None":
     """``full`` as a leaves object: given as one, or as ``(indices, SPTEs, generations)``."""
-    if full is None or isinstance(full, (LeafRows, AffineLeaves)):
+    if isinstance(full, AffineLeaves):
+        return full if full.n else None
+    if full is None or isinstance(full, LeafRows):
         return full if full is None or len(full.idx) else None
     return LeafRows(*full) if len(full[0]) else None
 
@@ -504,7 +510,7 @@ class CompactStore(PageTableStore):
     def __init__(self, host: "Host", name: str = "kvm"):
         super().__init__(host, name)
         #: PFN -> (index in the parent, KidRun) of every table kept in a run
-        self._virt = RunMap(-1, None)
+        self._virt = ShardedRunMap(-1, None)
 
     def _init_entries(self, sp: ShadowPage) -> None:
         sp._kids = None
@@ -584,25 +590,38 @@ class CompactStore(PageTableStore):
         return id0
 
     def _one_run(self, parent: ShadowPage, idx: list[int], role: int, full) -> list[int] | None:
-        """``alloc_tables`` when its outcome is one run, at a cost independent of n: every
-        table full, at entries in a row, with leaves in closed form continuing from one
-        table to the next, and PFNs from the allocator in a row of one generation.  None
-        (nothing done) otherwise."""
+        """``alloc_tables`` at a cost per run of PFNs rather than per table, when every
+        table is full, at entries in a row, with leaves in closed form continuing from one
+        table to the next, and the allocator hands out runs of one generation each: the
+        runs ``alloc_tables`` would make then.  None (nothing done) otherwise."""
         n = len(idx)
-        if not isinstance(full, AffineLeaves) or full.idx != idx or idx[-1] - idx[0] != n - 1:
+        if not isinstance(full, AffineLeaves) or full.idx0 != idx[0] or full.n != n or \
+                idx[-1] - idx[0] != n - 1:
             return None
-        first, gen = full.first, full.gen
-        dbase = int(first[1]) - int(first[0]) if n > 1 else 0
-        if n > 1 and ((np.diff(first.astype(np.int64)) != dbase).any() or
-                      (gen != gen[0]).any()):
-            return None
-        got = self.mem.alloc_seq(n, f"{self.name}:pt")
+        got = self.mem.alloc_runs(n, f"{self.name}:pt")
         if got is None:
             return None
-        pfn0, dpfn = got
-        pfns = list(range(pfn0, pfn0 + dpfn * n, dpfn))
-        self._add_kids(KidRun(parent, idx[0], idx[0] + n, self._count_new(n), pfn0, dpfn,
-                              self.mem.gen_of(pfn0), int(first[0]), dbase, int(gen[0]), role))
+        # the runs alloc_tables makes: the allocator's, joined where one goes on in the
+        # other's direction (its next page, +-1) with the same generation
+        joined: list[list[int]] = []            # [first, step, count, generation]
+        for p0, d, c in got:
+            g = self.mem.gen_of(p0)
+            if joined:
+                a = joined[-1]
+                gap = p0 - (a[0] + a[1] * (a[2] - 1))
+                if abs(gap) == 1 and (a[2] == 1 or a[1] == gap) and \
+                        (c == 1 or d == gap) and a[3] == g:
+                    a[1], a[2] = gap, a[2] + c
+                    continue
+            joined.append([p0, d if c > 1 else 1, c, g])
+        id0 = self._count_new(n)
+        pfns: list[int] = []
+        k = 0
+        for p0, d, c, g in joined:
+            self._add_kids(KidRun(parent, idx[0] + k, idx[0] + k + c, id0 + k, p0, d, g,
+                                  full.first0 + k * full.dfirst, full.dfirst, full.gen, role))
+            pfns += range(p0, p0 + d * c, d)
+            k += c
         ents = U64(S.make_nonleaf_spte(0)) | (np.asarray(pfns, dtype=np.uint64)
                                                << U64(S.PFN_SHIFT))
         self.write_many(parent, idx[0], idx[0] + n, slice(idx[0], idx[0] + n), ents, 0)
@@ -665,7 +684,7 @@ class CompactStore(PageTableStore):
 
     def lookup(self, pfn: int) -> ShadowPage | None:
         sp = self.by_pfn.get(pfn)
-        if sp is None and len(self._virt) > 1:
+        if sp is None and not self._virt.empty():
             i, kr = self._virt.get(pfn)
             if kr is not None:
                 if kr.bulks:                # a teardown of the run: settle it first

@@ -239,6 +239,48 @@ class RunMap:
                 assert self._join_step(i) is None, f"unmerged runs at {st[i + 1]}"
 
 
+class ShardedRunMap:
+    """A ``RunMap`` cut into shards of ``2**bits`` keys, each a ``RunMap`` of its own made
+    when first written: the same reads, but an update costs by the runs of its shard, not
+    of the whole map (a run map with runs spread over millions of keys, e.g. one per
+    run of page tables, would otherwise move long lists at every insertion)."""
+
+    __slots__ = ("_shards", "_value", "_tag", "bits")
+
+    def __init__(self, value: int = 0, tag: Any = None, bits: int = 16):
+        self._shards: dict[int, RunMap] = {}
+        self._value, self._tag, self.bits = value, tag, bits
+
+    def empty(self) -> bool:
+        """Nothing was ever written (every key has the default)."""
+        return not self._shards
+
+    def get(self, k: int) -> tuple[int, Any]:
+        sh = self._shards.get(k >> self.bits)
+        return (self._value, self._tag) if sh is None else sh.get(k)
+
+    def assign(self, a: int, b: int, value: int, step: int = 0, tag: Any = None) -> None:
+        """``RunMap.assign`` over keys [a, b)."""
+        bits = self.bits
+        for s in range(a >> bits, ((b - 1) >> bits) + 1):
+            lo, hi = max(a, s << bits), min(b, (s + 1) << bits)
+            sh = self._shards.get(s)
+            if sh is None:
+                sh = self._shards[s] = RunMap(self._value, self._tag)
+            sh.assign(lo, hi, value + step * (lo - a), step, tag)
+
+    def runs(self, a: int, b: int) -> Iterator[tuple[int, int, int, int, Any]]:
+        """``RunMap.runs`` over keys [a, b) (runs cut at shard edges)."""
+        bits = self.bits
+        for s in range(a >> bits, ((b - 1) >> bits) + 1):
+            lo, hi = max(a, s << bits), min(b, (s + 1) << bits)
+            sh = self._shards.get(s)
+            if sh is None:
+                yield lo, hi, self._value, 0, self._tag
+            else:
+                yield from sh.runs(lo, hi)
+
+
 class FreeStack:
     """A LIFO stack of page numbers, as runs ``[first, last, d]``: the pages first,
     first + d, ..., last were pushed in that order (d is +1 or -1; 0 for a single page)
@@ -299,19 +341,32 @@ class FreeStack:
         self.n -= 1
         return p
 
-    def pop_run(self, k: int) -> tuple[int, int] | None:
-        """Pop the next ``k`` pages if they come from one run: ``(first, step)``, the pages
-        being first, first + step, ... (step +1 or -1); None (nothing popped) if not."""
-        first, last, d = self._runs[-1]
-        count = (last - first) * d + 1 if d else 1
-        if count < k:
-            return None
-        if count == k:
-            self._runs.pop()
-        else:
-            self._runs[-1][1] = last - d * k
+    def top_runs(self, k: int) -> list[tuple[int, int, int]]:
+        """The next ``k`` pages ``pop`` would give (at most the stack's), without popping
+        them, as runs ``(first, step, count)``: first, first + step, ... (step +-1)."""
+        out = []
+        for first, last, d in reversed(self._runs):
+            if k <= 0:
+                break
+            count = (last - first) * d + 1 if d else 1
+            take = min(count, k)
+            out.append((last, -d or 1, take))
+            k -= take
+        return out
+
+    def drop(self, k: int) -> None:
+        """Pop the next ``k`` pages (as ``pop_many`` would, without returning them)."""
+        r = self._runs
         self.n -= k
-        return last, -d or 1
+        while k:
+            first, last, d = r[-1]
+            count = (last - first) * d + 1 if d else 1
+            if count <= k:
+                r.pop()
+                k -= count
+            else:
+                r[-1][1] = last - d * k
+                k = 0
 
     def pop_many(self, k: int) -> np.ndarray:
         """The next ``k`` pages ``pop`` would give, in that order."""
