@@ -30,6 +30,7 @@ Invariants checked, and where:
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -209,8 +210,7 @@ class Checker:
         vs = [v for v in self.kvm.vcpus if v.mode == IN_GUEST_MODE and v.root is tables.root]
         flushed = min((v.tlb.last_flush_t for v in vs), default=None)
         if flushed is None or flushed >= int(tables.unlink_t.max()):
-            for _ in range(min(tables.n, EXCERPT)):
-                self.recent.append(("kvm", t, "sp_freed", None))
+            self.recent.extend(repeat(("kvm", t, "sp_freed", None), min(tables.n, EXCERPT)))
             return
         for k in range(tables.n):
             self.recent.append(("kvm", t, "sp_freed", None))

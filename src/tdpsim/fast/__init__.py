@@ -21,6 +21,7 @@ How to add one: docs/design-notes.md, "how to add a fast path".
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from . import leaf_walk, teardown
@@ -38,3 +39,4 @@ def install(kvm: "Kvm") -> None:
     for loop in leaf_walk.LOOPS:
         kvm.accel[loop] = leaf_walk.make(kvm.arch.tdp, loop)
     kvm.accel["handle_removed_kids"] = teardown.make(kvm.arch.tdp)
+    kvm.accel["zap_gfn_range_absent"] = partial(leaf_walk.absent_bulk, kvm.arch.tdp)

@@ -385,7 +385,7 @@ class _Plan:
         elif done_all:
             vcpu.enter_guest()
 
-    def _map(self, s: _Seg, nb: int, wp: bool) -> list[int]:
+    def _map(self, s: _Seg, nb: int, wp: bool):
         """Fault phase 2 of pages [0, nb) of ``s``: tables, then leaves.  Returns the PFNs
         of the new 4 KiB tables (``s.new_pdes(nb)``)."""
         tdp = self.fs.tdp
@@ -423,7 +423,7 @@ class _Plan:
                                np.full(g1 - g0, s.pgen, dtype=np.uint32))
         return pfns
 
-    def _psc(self, s: _Seg, na: int, done: int, pfns: list[int]) -> None:
+    def _psc(self, s: _Seg, na: int, done: int, pfns) -> None:
         """PDE-cache fills: the first walk through each PDE's table (page 0's own access
         when its table existed, else the access retried after the fault that made it)."""
         tlb = self.vcpu.tlb
@@ -438,9 +438,9 @@ class _Plan:
         walked = range(new.start, s.new_pdes(done).stop if done else new.start)
         if cap is not None:
             walked = walked[-cap:]      # the older fills are evicted by these anyway
-        for p in walked:
-            gfns.append(max(s.gfn, s.pde_gfn(p)))
-            tables.append(pfns[p - new.start])
+        g, rb = s.gfn, s.region_base
+        gfns += [max(g, rb + p * PDE_PAGES) for p in walked]
+        tables += pfns[walked.start - new.start:walked.stop - new.start]
         if gfns:
             tlb.psc_fill_new(2, np.array(gfns, dtype=np.int64), tables)
 

@@ -1,5 +1,7 @@
 """Accelerator of the leaf walks: ``tdp_mmu_zap_leafs``, ``wrprot_gfn_range`` and
-``clear_dirty_gfn_range`` over a 4 KiB table.
+``clear_dirty_gfn_range`` over a 4 KiB table; and of 5.17's ``zap_gfn_range`` over a
+stretch of absent entries at any level (``absent_bulk``: the 16 K memslot deletions of the
+selftest each walk the top level of empty invalid roots).
 
 Called by the walk at a 4 KiB entry, right after its yield check passed, it processes the
 rest of the table up to ``end`` as the walk would one entry at a time, and leaves the
@@ -91,3 +93,37 @@ def leaf_table_bulk(tdp: "TdpMmu", th, it: "TdpIter", end: int,
     it.step_side_to(i0 + k - 1)
     assert it.gfn == gfn0 + k - 1
     return k, bool(target[:k].any())
+
+
+def absent_bulk(tdp: "TdpMmu", th, it: "TdpIter", end: int, can_yield: bool) -> Generator:
+    """zap_gfn_range (5.17) over the absent entries that follow the iterator's, in its
+    table, in one bulk: exact mode visits each (``spte_visit``), checking need_resched
+    (and lock contention) before the next when the walk may yield.  Returns the entries
+    done (0: no bulk), leaving the iterator on the last."""
+    kvm = tdp.kvm
+    eng = kvm.engine
+    sched = kvm.host.sched
+    lock = kvm.mmu_lock
+    visit = kvm.costs.spte_visit
+    if it.yielded or visit < 1 or (can_yield and (sched.need_resched(th) or lock.needbreak())):
+        return 0
+    sp = it.sp
+    i0 = it.index
+    j = it.table_end(end)
+    if j - i0 < 2 or sp.freed:
+        return 0
+    pres = np.flatnonzero(S.present_mask(tdp.pt.entries(sp, i0, j)))
+    n = int(pres[0]) if len(pres) else j - i0
+    m = n
+    if can_yield:
+        m = min(n, -(-(sched.need_resched_at(th.cpu) - eng.now) // visit))
+    if m < 2:
+        return 0
+    gfn0 = it.gfn
+    res = [(sp, i0, i0 + m, 0, 0)]             # read only: a writer settles it
+    if can_yield:
+        res += [th.cpu, lock]
+    k = yield Bulk((m, visit), lambda k: None, res)
+    it.step_side_to(i0 + k - 1)
+    assert it.gfn == gfn0 + (k - 1) * S.pages_per_hpage(it.level)
+    return k

@@ -589,7 +589,8 @@ class CompactStore(PageTableStore):
         self.peak = max(self.peak, self.live)
         return id0
 
-    def _one_run(self, parent: ShadowPage, idx: list[int], role: int, full) -> list[int] | None:
+    def _one_run(self, parent: ShadowPage, idx: list[int], role: int, full
+                 ) -> "list[int] | range | None":
         """``alloc_tables`` at a cost per run of PFNs rather than per table, when every
         table is full, at entries in a row, with leaves in closed form continuing from one
         table to the next, and the allocator hands out runs of one generation each: the
@@ -615,15 +616,19 @@ class CompactStore(PageTableStore):
                     continue
             joined.append([p0, d if c > 1 else 1, c, g])
         id0 = self._count_new(n)
-        pfns: list[int] = []
         k = 0
         for p0, d, c, g in joined:
             self._add_kids(KidRun(parent, idx[0] + k, idx[0] + k + c, id0 + k, p0, d, g,
                                   full.first0 + k * full.dfirst, full.dfirst, full.gen, role))
-            pfns += range(p0, p0 + d * c, d)
             k += c
-        ents = U64(S.make_nonleaf_spte(0)) | (np.asarray(pfns, dtype=np.uint64)
-                                               << U64(S.PFN_SHIFT))
+        if len(joined) == 1:                    # (a range reads like the list)
+            p0, d = joined[0][:2]
+            pfns = range(p0, p0 + d * n, d)
+            at = p0 + d * np.arange(n, dtype=np.int64)
+        else:
+            pfns = [p for p0, d, c, _ in joined for p in range(p0, p0 + d * c, d)]
+            at = np.asarray(pfns, dtype=np.int64)
+        ents = U64(S.make_nonleaf_spte(0)) | (at.astype(np.uint64) << U64(S.PFN_SHIFT))
         self.write_many(parent, idx[0], idx[0] + n, slice(idx[0], idx[0] + n), ents, 0)
         return pfns
 
@@ -747,7 +752,8 @@ class CompactStore(PageTableStore):
             self.engine.settle(kr)
         if self.checking:
             self.engine.assert_settled(kr, None, None, False)
-        gone = kr.part(0, k, np.asarray(times, dtype=np.int64))
+        # kr itself becomes the detached run (its PFNs keep pointing at it); the tables
+        # after the first k, if any, move to a new linked run
         kids = kr.parent._kids
         at = kids.index(kr)
         if k == kr.n:
@@ -757,8 +763,9 @@ class CompactStore(PageTableStore):
             kids[at] = rest
             self._tag(rest)
             kr.rest = rest
-        self._tag(gone)
-        return TableBatch(gone.id0, k, gone.pfn0, gone.dpfn, gone.unlink_t, kr.parent.root)
+            kr.hi = kr.lo + k
+        kr.unlink_t = np.asarray(times, dtype=np.int64)
+        return TableBatch(kr.id0, k, kr.pfn0, kr.dpfn, kr.unlink_t, kr.parent.root)
 
     @staticmethod
     def rest_of(kr: KidRun) -> KidRun:

@@ -734,6 +734,7 @@ class TdpMmu:
         rcu.read_lock(th)
         it = TdpIter(self.pt, root, min_level, start)
         visit, zap = self.costs.spte_visit, self.costs.spte_zap_4k
+        absent = self.accel.get("zap_gfn_range_absent")
         while it.valid and it.gfn < end:
             if can_yield and (yield from self.tdp_mmu_iter_cond_resched(th, it, flush, shared)):
                 flush = False
@@ -741,7 +742,8 @@ class TdpMmu:
                 continue
             old = it.old_spte
             if not S.is_shadow_present_pte(old):
-                yield visit
+                if absent is None or not (yield from absent(th, it, end, can_yield)):
+                    yield visit
                 it.next()
                 continue
             span = S.pages_per_hpage(it.level)
