@@ -132,3 +132,41 @@ def test_fast_equals_exact_on_200_seeded_vm_scenarios(chunk, kernel):
         assert exact["findings"] == [], f"seed {seed}: {exact['findings']}"
         fewer += ev_fast < ev_exact
     assert fewer >= 40          # the bulk path was really taken
+
+
+def _empty_walk(granularity: str, hog: bool) -> tuple[dict, int]:
+    """5.17: a memslot deletion's zap of the invalid root walks its top level (MAXPHYADDR
+    46: 128 entries), one populated and 127 absent at 100 us each (from 105 ms), on
+    one CPU, with a hog waking up during that walk or not: the walk yields where
+    need_resched turns true, a timeslice after the hog arrived."""
+    h = VmHarness(ncpus=1, nvcpus=1, pages=512, nslots=2, granularity=granularity,
+                  policy="5.17", maxphyaddr=46,
+                  costs={"spte_visit": 100_000, "sched_timeslice": 1_000_000})
+    yields = []
+    h.kvm.observers.append(lambda kind, **f: yields.append(f["gfn"]) if kind == "yield"
+                           else None)
+
+    def vcpu(th, v):
+        yield from v.run(th, TouchGuest(h.slot_gfn(1), 512))
+
+    def deleter(th):
+        yield 2_000_000
+        yield from h.kvm.set_user_memory_region(th, 2, 0, h.slot_gfn(2) * PAGE, 0, h.hva)
+
+    h.spawn_vcpu(h.vcpus[0], vcpu)
+    h.spawn(deleter, "deleter", cpu=0)
+    if hog:     # wakes up while the walk is among the absent entries
+        h.host.engine.call_at(110_000_000, lambda _v: h.spawn(
+            lambda t: (yield 30_000_000), "hog", cpu=0))
+    h.run()
+    return {"t": h.host.engine.now, "stat": dict(h.kvm.stat), "yields": yields,
+            "lock": h.kvm.mmu_lock.stats_read.as_dict()}, h.host.engine.events
+
+
+@pytest.mark.parametrize("hog", [False, True])
+def test_a_517_walk_over_absent_entries_yields_where_exact_mode_does(hog, settle_checker):
+    exact, ev_exact = _empty_walk("exact", hog)
+    fast, ev_fast = _empty_walk("fast", hog)
+    assert fast == exact
+    assert bool(exact["yields"]) == hog         # with the hog, the walk really yields
+    assert ev_fast < 100        # the 127 absent entries (an event each in exact mode) in bulk
