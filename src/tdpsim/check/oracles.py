@@ -30,8 +30,8 @@ Invariants checked, and where:
 from __future__ import annotations
 
 from collections import deque
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
