@@ -492,8 +492,9 @@ class CompactStore(PageTableStore):
     with generation 0 (``step`` 0 for a constant run).  An empty table is ``bg`` 0 with no
     run; freezing it or freeing it keeps the run's generations under a REMOVED or POISON
     background.  An operation the form cannot express (a single A/D update, a zapped page
-    in the middle) turns the table dense (``_spt`` / ``_gens`` arrays), for good.  Upper
-    levels are always dense.  Every read answers exactly what ``DenseStore`` would.
+    in the middle) turns the table dense (``_spt`` / ``_gens`` arrays), for good.  Level-2
+    tables take the same form (a row of links to tables at consecutive PFNs, which is what
+    populate builds); levels 3 and up are always dense.  Every read answers exactly what ``DenseStore`` would.
 
     Memory per compact table: the header and one tuple instead of 6 KiB of arrays.
 
@@ -514,7 +515,7 @@ class CompactStore(PageTableStore):
 
     def _init_entries(self, sp: ShadowPage) -> None:
         sp._kids = None
-        if sp.level == 1:
+        if sp.level <= 2:
             sp._spt = None
             sp._gens = (0, 0, 0, 0, 0, 0)     # the compact form (see the class doc)
         else:
