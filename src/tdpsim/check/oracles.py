@@ -48,6 +48,8 @@ EXCERPT = 24
 #: unlinks (one per table, 512 per 1 GiB torn down: they would fill every excerpt)
 NOT_IN_EXCERPT = frozenset({"guest_accesses", "sp_unlinked", "sps_unlinked"})
 
+_UNSEEN = object()
+
 #: observations of many at once, put into excerpts one entry each by their handlers
 _BATCHES = frozenset({"sps_freed", "remote_flushes"})
 
@@ -84,6 +86,8 @@ class Checker:
         #: completed invalidations: (completion time, first gfn, end gfn)
         self.invalidated: list[tuple[int, int, int]] = []
         self._last_yield: dict[str, int] = {}
+        #: observation kind -> its handler (None: none), looked up once per kind
+        self._handlers: dict = {}
         host.listen(self._on_report)
         kvm.observers.append(self._on_observe)
 
@@ -103,7 +107,9 @@ class Checker:
         t = f.get("t", self.host.engine.now)
         if kind not in NOT_IN_EXCERPT and kind not in _BATCHES:
             self.recent.append(("kvm", t, kind, f.get("task") or _name(f.get("vcpu"))))
-        handler = getattr(self, "_on_" + kind, None)
+        handler = self._handlers.get(kind, _UNSEEN)
+        if handler is _UNSEEN:
+            handler = self._handlers[kind] = getattr(self, "_on_" + kind, None)
         if handler is not None:
             handler(**f)
 
