@@ -110,3 +110,18 @@ def test_vm_bad_input_one_line_exit_2(args, option):
     rc, out, err = run_cli(*args)
     assert rc == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and option in err
+
+
+@pytest.mark.parametrize("module", ["tdpsim", "tdpsim.cli"])
+def test_bare_command_prints_the_help_and_succeeds(module):
+    """``tdpsim`` alone (and ``python -m tdpsim``) lists the commands and exits 0."""
+    r = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: tdpsim") and "max-guest-memory" in r.stdout
+
+
+def test_python_m_tdpsim_runs_a_command():
+    r = subprocess.run([sys.executable, "-m", "tdpsim", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("tdpsim")

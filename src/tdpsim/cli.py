@@ -297,7 +297,13 @@ def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: click in non-standalone mode so every error is one line + exit 2."""
+    """Entry point: click in non-standalone mode so every error is one line + exit 2.
+    With no arguments it prints the help and succeeds (click 8.2 made a bare group a usage
+    error; the project allows click 8.1 and later)."""
+    if not (sys.argv[1:] if argv is None else argv):
+        with cli.make_context("tdpsim", [], resilient_parsing=True) as ctx:
+            click.echo(ctx.get_help())
+        return 0
     try:
         rv = cli.main(args=argv, prog_name="tdpsim", standalone_mode=False)
     except click.exceptions.NoSuchOption as e:

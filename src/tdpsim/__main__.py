@@ -1,0 +1,7 @@
+"""``python -m tdpsim``: the ``tdpsim`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
