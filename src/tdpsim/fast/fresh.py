@@ -396,7 +396,7 @@ class _Plan:
             pfn = tdp.install_tables(s.l3, [s.l3i], make_role(2, as_id, wp))[0]
             l2 = pt.lookup(pfn)
         writable = not s.slot.readonly
-        base = S.make_4k_sptes(np.zeros(1, dtype=np.int64), writable)[0]
+        base = S.make_spte(0, S.PG_LEVEL_4K, writable)
         end = s.gfn + nb
         new = s.new_pdes(nb)
         # the PDEs whose 512 pages all lie in [gfn, end)
@@ -407,7 +407,7 @@ class _Plan:
         leaves = AffineLeaves(full.start, len(full),
                               int(base) + (s.pfn0 - s.gfn + rb + PDE_PAGES * full.start) * step,
                               PDE_PAGES * step, s.pgen)
-        pfns = tdp.install_tables(l2, list(new), make_role(1, as_id, wp), leaves)
+        pfns = tdp.install_tables(l2, new, make_role(1, as_id, wp), leaves)
         # the tables not filled whole: the first PDE's (new or not) and the last new one
         parts = []
         if s.t0 is not None:

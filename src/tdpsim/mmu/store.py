@@ -63,6 +63,7 @@ class LeafRows:
 
     def __init__(self, idx: list[int], sptes: np.ndarray, gens: np.ndarray):
         self.idx, self.sptes, self.gens = list(idx), sptes, gens
+        self.n = len(self.idx)
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         return self.sptes[r], self.gens[r]
@@ -105,7 +106,7 @@ def as_leaves(full) -> "LeafRows | AffineLeaves | None":
     if isinstance(full, AffineLeaves):
         return full if full.n else None
     if full is None or isinstance(full, LeafRows):
-        return full if full is None or len(full.idx) else None
+        return full if full is None or full.n else None
     return LeafRows(*full) if len(full[0]) else None
 
 

@@ -363,7 +363,7 @@ class TdpMmu:
         pfns = self.pt.alloc_tables(parent, idx, role, full)
         self.nr_pages += len(idx)
         if full:
-            self._update_page_stats(S.PG_LEVEL_4K, S.SPTE_ENTRIES * len(full.idx))
+            self._update_page_stats(S.PG_LEVEL_4K, S.SPTE_ENTRIES * full.n)
         return pfns
 
     def unlink_children(self, th: "Thread", pieces: list, k: int, times: np.ndarray,
