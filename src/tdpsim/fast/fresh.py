@@ -349,6 +349,7 @@ class _Plan:
         na_all = nb_all = done_all = 0
         runs = []                               # accesses done, as runs
         tail = []                               # (segment, its start time, pages done)
+        fills = []                              # PDE-cache fills of each segment
         last = None
         for s, off_n, off_t in zip(self.segs, self.offs_n, self.offs_t):
             ks = min(k - off_n, s.steps.n)
@@ -357,18 +358,26 @@ class _Plan:
             if isinstance(s, _Touched):
                 na = nb = rem = 0
                 done = 1
-                tlb.psc_fill_new(2, np.array([s.gfn], dtype=np.int64), [s.t0.pfn])
+                fills.append(([s.gfn], [s.t0.pfn], 0))
             else:
                 done, rem = divmod(ks, 3)
                 na, nb = done + (rem >= 1), done + (rem >= 2)
                 kvm.mm.mark_young_range(s.vma, s.i0, na)
-                self._psc(s, na, done, self._map(s, nb, wp) if nb else [])
+                fills.append(self._psc(s, na, done, self._map(s, nb, wp) if nb else []))
             na_all, nb_all, done_all = na_all + na, nb_all + nb, done_all + done
             tlb.count_misses(na + done)
             if done:
                 runs.append((s.gfn, s.pfn0, done, s.pgen))
                 tail.append((s, off_t, done))
             last = (s, done, rem)
+        # the PDE-cache fills, in order; a segment that fills at least capacity new entries
+        # leaves only its newest: what came before it does not matter
+        cap = tlb.psc_capacity
+        first = max((x for x, f in enumerate(fills) if cap is not None and f[2] >= cap),
+                    default=0)
+        for gfns, tables, _ in fills[first:]:
+            if gfns:
+                tlb.psc_fill_new(2, np.array(gfns, dtype=np.int64), tables)
         vcpu.account(exits=na_all, pf_taken=na_all, pf_fixed=nb_all)
         kvm.mmu_lock.account_uncontended_reads(nb_all)
         if done_all:
@@ -423,11 +432,12 @@ class _Plan:
                                np.full(g1 - g0, s.pgen, dtype=np.uint32))
         return pfns
 
-    def _psc(self, s: _Seg, na: int, done: int, pfns) -> None:
-        """PDE-cache fills: the first walk through each PDE's table (page 0's own access
-        when its table existed, else the access retried after the fault that made it)."""
-        tlb = self.vcpu.tlb
-        cap = tlb.psc_capacity
+    def _psc(self, s: _Seg, na: int, done: int, pfns) -> tuple[list, list, int]:
+        """The PDE-cache fills of a segment, in order, as (gfns, table PFNs, how many of
+        them are of new tables): the first walk through each PDE's table (page 0's own
+        access when its table existed, else the access retried after the fault that made
+        it)."""
+        cap = self.vcpu.tlb.psc_capacity
         gfns, tables = [], []
         if s.t0 is not None and na:
             gfns.append(s.gfn)
@@ -441,8 +451,7 @@ class _Plan:
         g, rb = s.gfn, s.region_base
         gfns += [max(g, rb + p * PDE_PAGES) for p in walked]
         tables += pfns[walked.start - new.start:walked.stop - new.start]
-        if gfns:
-            tlb.psc_fill_new(2, np.array(gfns, dtype=np.int64), tables)
+        return gfns, tables, len(walked)
 
     def _fill_tlb(self, tail: list, done_all: int) -> None:
         """The TLB fills of the last accesses (LRU keeps only the newest ``capacity``)."""
