@@ -164,18 +164,15 @@ class FreshSpans:
         return Bulk(steps.prefix(m), plan.apply, plan.resources(m))
 
     def _slot(self, g: int, write: bool):
-        """The memslot of g if populate bulks may touch it (see ``populate.py``)."""
-        slot = self.kvm.memslots[0].find(g)
-        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly) \
-                or slot.host_level_pages > 1:
-            return None
-        return slot
+        """The memslot of g if populate bulks may touch it and it is 4 KiB-backed."""
+        slot = self.pop.slot_for(g, write)
+        return slot if slot is not None and slot.host_level_pages == 1 else None
 
     def _touched(self, vcpu, g: int, write: bool, ga: int) -> _Touched | None:
         """The first page as a ``_Touched`` if it is one."""
         pt = self.tdp.pt
         slot = self._slot(g, write)
-        l3 = self.pop._table(vcpu.root, g, 3) if slot is not None else None
+        l3 = self.pop.table_at(vcpu.root, g, 3) if slot is not None else None
         if l3 is None:
             return None
         l3i = S.spte_index(g, 3)
@@ -212,7 +209,7 @@ class FreshSpans:
         e = min(region_end, slot.end_gfn, g + left)
         # the path: the level-3 table, the region's level-2 entry
         if l3 is None or not l3.gfn <= g < l3.gfn + l3.span():
-            l3 = self.pop._table(vcpu.root, g, 3)
+            l3 = self.pop.table_at(vcpu.root, g, 3)
             if l3 is None:
                 return None
         l3i = S.spte_index(g, 3)

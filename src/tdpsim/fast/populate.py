@@ -61,7 +61,15 @@ class Populate:
 
     # ---- planning ------------------------------------------------------------------------
 
-    def _table(self, root, gfn: int, level: int):
+    def slot_for(self, gfn: int, write: bool):
+        """The memslot of ``gfn`` if populate bulks may touch it: valid, not logging dirty
+        pages, writable for a write (the rest is the exact path's); None if not."""
+        slot = self.kvm.memslots[0].find(gfn)
+        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly):
+            return None
+        return slot
+
+    def table_at(self, root, gfn: int, level: int):
         """The table at ``level`` on the path to ``gfn`` (None if not all linked)."""
         it = self.tdp.pt.walk(root, level, gfn, report=False)
         while it.level > level:
@@ -80,8 +88,8 @@ class Populate:
                 or lock.queue or kvm.mmu_notifier_count or vcpu.fault is not None:
             return 0
         gfn0, write = guest.current()[:2]
-        slot = kvm.memslots[0].find(gfn0)
-        if slot is None or slot.invalid or slot.dirty_logging or (write and slot.readonly):
+        slot = self.slot_for(gfn0, write)
+        if slot is None:
             return 0
         if slot.host_level_pages > 1:
             return (yield from self._huge_bulk(vcpu, th, guest, gfn0, write))
@@ -89,7 +97,7 @@ class Populate:
         if bulk is not None:                # untouched memory: the closed form
             k = yield bulk
             return k
-        l2 = self._table(root, gfn0, 2)
+        l2 = self.table_at(root, gfn0, 2)
         if l2 is None:
             return 0
         stride = guest.stride

@@ -141,9 +141,7 @@ class PageAllocator(Resource):
             return None
         if self.total is not None and self.allocated + n > self.total:
             raise MemoryError("host out of memory")
-        first = self._next
-        self._next += n
-        self._pages.assign(first, first + n, 3, 0, (1, owner))   # generation 1, allocated
+        first = self._take_fresh(n, owner)
         self.allocated += n
         self.allocs += n
         self.peak = max(self.peak, self.allocated)
@@ -169,13 +167,18 @@ class PageAllocator(Resource):
             self._pages.assign(lo, lo + count, (v & ~1) + 3, 0, (1, owner))  # gen + 1
         fresh = n - sum(c for _, _, c in runs)
         if fresh:
-            runs.append((self._next, 1, fresh))
-            self._pages.assign(self._next, self._next + fresh, 3, 0, (1, owner))
-            self._next += fresh
+            runs.append((self._take_fresh(fresh, owner), 1, fresh))
         self.allocated += n
         self.allocs += n
         self.peak = max(self.peak, self.allocated)
         return runs
+
+    def _take_fresh(self, n: int, owner: str) -> int:
+        """Mark n never-used pages from ``_next`` on allocated (generation 1); the first."""
+        first = self._next
+        self._next += n
+        self._pages.assign(first, first + n, 3, 0, (1, owner))
+        return first
 
     def _mark_allocated(self, out: np.ndarray, owner: str) -> np.ndarray:
         """Bookkeeping shared by the bulk allocators: each page's generation goes up."""

@@ -119,30 +119,20 @@ class Accesses:
         self.runs = runs
         return self
 
-    def _expand(self) -> None:
-        i64 = np.int64
-        self._gfns = np.concatenate([g + np.arange(n, dtype=i64) for g, _, n, _ in self.runs])
-        self._pfns = np.concatenate([p + np.arange(n, dtype=i64) for _, p, n, _ in self.runs])
-        self._gens = np.concatenate([np.full(n, gen, dtype=np.uint32)
-                                     for _, _, n, gen in self.runs])
-
-    @property
-    def gfns(self):
+    def _arrays(self) -> tuple:
+        """(gfns, pfns, gens), made from the runs on first use."""
         if self._gfns is None:
-            self._expand()
-        return self._gfns
+            runs = self.runs
+            steps = [np.arange(n, dtype=np.int64) for _, _, n, _ in runs]
+            self._gfns = np.concatenate([g + j for (g, _, _, _), j in zip(runs, steps)])
+            self._pfns = np.concatenate([p + j for (_, p, _, _), j in zip(runs, steps)])
+            self._gens = np.concatenate([np.full(n, gen, dtype=np.uint32)
+                                         for _, _, n, gen in runs])
+        return self._gfns, self._pfns, self._gens
 
-    @property
-    def pfns(self):
-        if self._pfns is None:
-            self._expand()
-        return self._pfns
-
-    @property
-    def gens(self):
-        if self._gens is None:
-            self._expand()
-        return self._gens
+    gfns = property(lambda self: self._arrays()[0])
+    pfns = property(lambda self: self._arrays()[1])
+    gens = property(lambda self: self._arrays()[2])
 
     @property
     def times(self):
