@@ -112,7 +112,7 @@ def make(tdp: "TdpMmu"):
             k = yield Bulk((m, cost), apply, res)
             return k
         # 5.17: two steps per child, the flush request (f) and the child's cost
-        f = max(1, tdp.costs.tlb_flush_request * len(kvm.vcpus))
+        f = kvm.request_cost()
         later = []
 
         def apply_flushing(k: int) -> None:

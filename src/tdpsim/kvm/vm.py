@@ -151,6 +151,10 @@ class Kvm:
 
     # ---- requests and remote TLB flush ----------------------------------------------------
 
+    def request_cost(self) -> int:
+        """What kvm_make_all_cpus_request spends setting the request on every vCPU."""
+        return max(1, self.costs.tlb_flush_request * len(self.vcpus))
+
     def make_all_cpus_request(self, th: "Thread", req: str, wait: bool = True) -> Generator:
         """kvm_make_all_cpus_request: returns True if any vCPU was IPI'd."""
         costs = self.costs
@@ -164,7 +168,7 @@ class Kvm:
             if v.mode == IN_GUEST_MODE:
                 v.mode = EXITING_GUEST_MODE
                 kicked.append(v)
-        yield max(1, costs.tlb_flush_request * len(self.vcpus))
+        yield self.request_cost()
         if not kicked:
             return False
         self.stat["ipis"] += len(kicked)
