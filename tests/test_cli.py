@@ -105,6 +105,8 @@ def test_vm_knob_and_config_select_the_policy(tmp_path):
     (["vm", "--kernel", "5.16"], "--kernel"),
     (["vm", "--config", "/nonexistent.toml"], "--config"),
     (["vm", "--vcpus", "0"], "--vcpus"),
+    (["vm", "--hz", "512"], "--hz"),
+    (["vm", "--preempt", "lazy"], "--preempt"),
 ])
 def test_vm_bad_input_one_line_exit_2(args, option):
     rc, out, err = run_cli(*args)
@@ -125,3 +127,12 @@ def test_python_m_tdpsim_runs_a_command():
     r = subprocess.run([sys.executable, "-m", "tdpsim", "--version"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("tdpsim")
+
+
+def test_vm_host_settings_in_the_header_and_the_json(tmp_path):
+    js = tmp_path / "vm.json"
+    rc, out, err = run_cli("vm", "--preempt", "voluntary", "--hz", "100", "--json", str(js))
+    assert rc == 0, err
+    assert "preempt=voluntary, HZ=100, watchdog_thresh=10 s" in out.splitlines()[0]
+    assert json.loads(js.read_text())["config"]["host"] == {
+        "preempt": "voluntary", "hz": 100, "watchdog_thresh_s": 10, "rcu_stall_timeout_s": 21}

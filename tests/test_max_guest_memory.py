@@ -157,7 +157,7 @@ def test_command_prints_the_selftest_lines_the_table_and_the_verdict(tmp_path):
     assert len(runs) == 2 and all(", run2 =  " in x for x in runs)
     head = next(x for x in lines if x.startswith("symptom"))
     assert "kernel 5.17" in head and "kernel 5.18" in head
-    for row in ("soft lockups", "RCU stalls", "vCPU blocked: max", "mmu_lock max hold: read",
+    for row in ("soft lockup reports", "RCU stall reports", "vCPU blocked: max", "mmu_lock max hold: read",
                 "remote TLB flushes", "page tables allocated", "  peak memory",
                 "oracle verdict", "wall time", "peak RSS", "SPTE ops / wall s"):
         assert any(x.startswith(row) for x in lines), row
@@ -204,9 +204,34 @@ def test_knobs_apply_to_the_kernel_and_name_it():
     (["-s", "x"], "'-s' / '--slot-size'"),
     (["--storage", "sparse"], "'--storage'"),
     (["--granularity", "coarse"], "'--granularity'"),
+    (["--preempt", "rt"], "'--preempt'"),
+    (["--hz", "200"], "'--hz'"),
+    (["--watchdog-thresh", "0"], "'--watchdog-thresh'"),
+    (["--rcu-stall-timeout", "301"], "'--rcu-stall-timeout'"),
 ])
 def test_bad_input_is_one_line_naming_the_option_and_exit_2(args, option):
     rc, out, err = cli(*args)
     assert rc == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert option in err and "expected" in err
+
+
+def test_host_settings_reach_the_host_the_header_and_the_json(tmp_path):
+    """--preempt, --hz, --watchdog-thresh, --rcu-stall-timeout: shown, recorded, and in
+    force (without CONFIG_PREEMPTION rwlock_needbreak is false, so 5.18's zap worker no
+    longer yields to a vCPU waiting for mmu_lock)."""
+    base = ("-m", "16", "-c", "12", "--host-cpus", "16")
+    blocked = {}
+    for preempt in ("dynamic", "none"):
+        js = tmp_path / f"{preempt}.json"
+        rc, out, err = cli(*base, "--preempt", preempt, "--hz", "250",
+                           "--watchdog-thresh", "7", "--rcu-stall-timeout", "60",
+                           "--json", str(js))
+        assert rc == 0, err
+        assert f"preempt={preempt}, HZ=250, watchdog_thresh=7 s, RCU stall timeout 60 s" \
+            in out.splitlines()[0]
+        run = json.loads(js.read_text())["runs"][0]
+        assert run["config"]["host"] == {"preempt": preempt, "hz": 250,
+                                         "watchdog_thresh_s": 7, "rcu_stall_timeout_s": 60}
+        blocked[preempt] = run["symptoms"]["vcpu_blocked"]["max_ns"]
+    assert blocked["none"] > 10 * blocked["dynamic"]

@@ -1,4 +1,4 @@
-"""Watchdogs fire at exactly their thresholds on constructed scenarios, and not before."""
+"""Watchdogs report when and as the kernel prints them, on constructed scenarios."""
 
 import pytest
 
@@ -16,10 +16,15 @@ def _spinner(h, ns, rcu=False, cpu=0):
     return h.spawn(fn, "spinner", cpu=cpu)
 
 
-# the spinner starts at t=1 (1-ns context switch) on a CPU touched at 0: with 20 s - 2 it
-# leaves at 20 s - 1, one ns before the threshold
-@pytest.mark.parametrize("spin, fires", [(20 * S - 2, False), (20 * S + 1, True)])
-def test_soft_lockup_at_exactly_twice_watchdog_thresh(mkhost, spin, fires):
+# kernel/watchdog.c: the timestamps are running_clock() >> 30 ("seconds" of 2^30 ns), the
+# check runs on the 4 s sample grid and reports when now > report_ts + 2 * watchdog_thresh.
+# Touched at 0, the first sample past 20 units (21 * 2^30 ns = 22.55 s) is at 24 s.
+U = 1 << 30
+
+
+# the spinner starts at t=1 (1-ns context switch) on a CPU touched at 0
+@pytest.mark.parametrize("spin, fires", [(24 * S - 2, False), (24 * S, True)])
+def test_soft_lockup_on_the_first_sample_past_twice_watchdog_thresh(mkhost, spin, fires):
     h = mkhost(ncpus=2, costs={"context_switch": 1})
     _spinner(h, spin)
     h.run()
@@ -30,10 +35,25 @@ def test_soft_lockup_at_exactly_twice_watchdog_thresh(mkhost, spin, fires):
         return
     assert len(reps) == 1
     r = reps[0]
-    assert r["t"] == 20 * S and r["cpu"] == 0 and r["task"] == "spinner"
-    assert r["doing"] == "zap_gfn_range" and r["stuck_ns"] == 20 * S
+    assert r["t"] == 24 * S and r["cpu"] == 0 and r["task"] == "spinner"
+    assert r["doing"] == "zap_gfn_range" and r["stuck_ns"] == 24 * S
+    assert r["stuck_s"] == 24 * S // U == 22        # what "stuck for 22s!" prints
     end = h.reports_of("soft_lockup_end")
     assert end and end[0]["stuck_ns"] == spin + 1  # spin started after the 1-ns switch
+
+
+def test_soft_lockup_rereported_with_the_cumulative_time(mkhost):
+    h = mkhost(ncpus=2, costs={"context_switch": 1})
+    _spinner(h, 80 * S)
+    h.run()
+    h.finish()
+    reps = h.reports_of("soft_lockup")
+    # each report restarts the period: the next is on the first sample with a timestamp
+    # more than 20 units past the last report's (22 -> 48 s, 44 -> 72 s)
+    assert [r["t"] for r in reps] == [24 * S, 48 * S, 72 * S]
+    assert [r["stuck_s"] for r in reps] == [22, 44, 67]
+    assert len(h.sched.lockup_episodes) == 1
+    assert h.sched.lockup_episodes[0]["stuck_ns"] == 80 * S + 1
 
 
 def test_no_soft_lockup_when_loop_honours_need_resched(mkhost):
@@ -53,29 +73,44 @@ def test_soft_lockup_threshold_follows_watchdog_thresh(mkhost):
     h = mkhost(ncpus=1, watchdog_thresh_s=5)
     _spinner(h, 30 * S)
     h.run()
-    assert h.reports_of("soft_lockup")[0]["t"] == 10 * S
+    # 10 units: the first 2 s sample past 11 * 2^30 ns (11.8 s)
+    assert h.reports_of("soft_lockup")[0]["t"] == 12 * S
 
 
-@pytest.mark.parametrize("inside, fires", [(21 * S - 1, False), (25 * S, True)])
-def test_rcu_stall_at_exactly_timeout_after_gp_start(mkhost, inside, fires):
-    h = mkhost(ncpus=2, costs={"context_switch": 1})
+def _stalled_gp(mkhost, inside, **cfg):
+    h = mkhost(ncpus=2, costs={"context_switch": 1}, **cfg)
     _spinner(h, inside, rcu=True)
 
     def updater(th):
-        yield 1_000_000_000                      # the GP starts at 1 s
+        yield 1_000_000_000                      # the GP starts at 1 s (+ the 1-ns switch)
         h.rcu.call_rcu(lambda: None)
 
     h.spawn(updater, "u", cpu=1)
     h.run()
-    reps = h.reports_of("rcu_stall")
+    return h, h.reports_of("rcu_stall")
+
+
+@pytest.mark.parametrize("inside, fires", [(21 * S - 1, False), (25 * S, True)])
+def test_rcu_stall_on_the_tick_timeout_after_gp_start(mkhost, inside, fires):
+    h, reps = _stalled_gp(mkhost, inside)
     if not fires:
         assert reps == []
         return
     assert len(reps) == 1
     r = reps[0]
-    assert r["t"] == 1_000_000_001 + 21 * S      # GP start + CONFIG_RCU_CPU_STALL_TIMEOUT
+    # jiffies_stall = the GP's start jiffy (1000 at HZ=1000) + 21 s of jiffies
+    assert r["t"] == 22 * S
     assert r["task"] == "spinner" and r["cpu"] == 0 and r["doing"] == "zap_gfn_range"
-    assert r["gp_age_ns"] == 21 * S
+    assert r["gp_age_ns"] == 21 * S - 1 and r["inside_ns"] == 22 * S - 1
+
+
+@pytest.mark.parametrize("hz, again", [(1000, 85_003_000_000), (250, 85_012_000_000)])
+def test_rcu_stall_rereported_3_timeouts_and_3_jiffies_later(mkhost, hz, again):
+    h, reps = _stalled_gp(mkhost, 150 * S, hz=hz)
+    assert [r["t"] for r in reps] == [22 * S, again, again + again - 22 * S]
+    assert [r["inside_ns"] for r in reps] == [r["t"] - 1 for r in reps]
+    assert len(h.rcu.stall_episodes) == 1         # one GP, reported three times
+    assert h.rcu.stall_episodes[0]["ns"] == 150 * S - S
 
 
 def test_wq_stall_when_no_item_starts_for_30s(mkhost):

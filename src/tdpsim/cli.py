@@ -138,6 +138,44 @@ storage_option = click.option(
          "and full tables in a row as one record (same results; less memory, faster "
          "teardown on 5.18)")
 
+class HzOpt(OneOf):
+    """--hz: one of CONFIG_HZ's values, as an int."""
+
+    def convert(self, value, param, ctx):
+        return int(super().convert(str(value), param, ctx))
+
+
+def host_options(f):
+    """--preempt, --watchdog-thresh, --rcu-stall-timeout, --hz: the host kernel's settings
+    that change the answer, passed on as ``host`` (HostConfig's fields)."""
+    from .host.host import HZ_CHOICES, PREEMPT_MODELS, HostConfig
+    d = HostConfig()
+    opts = [
+        click.option("--preempt", type=OneOf(list(PREEMPT_MODELS)), default=d.preempt,
+                     show_default=True,
+                     help="the host's preemption model: none, voluntary, dynamic (a "
+                          "PREEMPT_DYNAMIC build, whatever mode it boots in) or full; "
+                          "rwlock_needbreak sees lock waiters only with dynamic and full"),
+        click.option("--watchdog-thresh", type=Int(1, 60), default=d.watchdog_thresh_s,
+                     show_default=True,
+                     help="kernel.watchdog_thresh, s: soft lockups after twice this"),
+        click.option("--rcu-stall-timeout", type=Int(3, 300),
+                     default=d.rcu_stall_timeout_s, show_default=True,
+                     help="rcupdate.rcu_cpu_stall_timeout, s"),
+        click.option("--hz", type=HzOpt([str(x) for x in HZ_CHOICES]), default=str(d.hz),
+                     show_default=True,
+                     help="CONFIG_HZ: the tick that RCU's stall checks run on.  The "
+                          "host defaults are a 2022 distribution kernel: a PREEMPT_DYNAMIC "
+                          "build at HZ=1000, with the kernel's default thresholds"),
+    ]
+
+    def wrap(*args, preempt, watchdog_thresh, rcu_stall_timeout, hz, **kw):
+        return f(*args, host={"preempt": preempt, "watchdog_thresh_s": watchdog_thresh,
+                              "rcu_stall_timeout_s": rcu_stall_timeout, "hz": hz}, **kw)
+    import functools
+    return _options(*opts)(functools.update_wrapper(wrap, f))
+
+
 #: --knob and --config: the policy on top of --kernel (read by ``load_policy``)
 policy_options = _options(
     click.option("--knob", "knobs", type=KnobOpt(), multiple=True,
@@ -206,14 +244,17 @@ def demo(cpus, loopers, iterations, writers, stuck_s, seed, strategy, granularit
               help="memslots of 64 MiB, all aliasing one memfd")
 @run_options(strategy="fifo", costs=False)
 @storage_option
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True))
-def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, storage, json_file):
+@host_options
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
+              help="write the run's summary as JSON to this file")
+def vm(kernel, knobs, config, vcpus, slots, seed, strategy, granularity, storage, host,
+       json_file):
     """A small VM on the chosen kernel: vCPUs populate guest memory, reset their MMU
     context (dropping the root), populate again; a memslot is deleted, the host unmaps part
     of the backing, the process exits.  Prints the symptoms and the oracle verdict."""
     from .workloads.vm_demo import render, run_vm_demo
     policy = load_policy(kernel, knobs, config)
-    summary = run_vm_demo(policy, vcpus, slots, seed, strategy, granularity, storage)
+    summary = run_vm_demo(policy, vcpus, slots, seed, strategy, granularity, storage, host)
     click.echo(render(summary))
     if json_file:
         with open(json_file, "w") as fp:
@@ -258,12 +299,13 @@ class KernelList(click.ParamType):
 @click.option("--host-cpus", type=Int(1, 8192), default=16, show_default=True)
 @run_options(strategy="fifo", costs=True)
 @storage_option
+@host_options
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
               help="write every figure to this file (schema: docs/max-guest-memory.md)")
 @click.option("--progress/--no-progress", default=None,
               help="progress bars on stderr  [default: when stderr is a terminal]")
 def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, maxphyaddr,
-                     host_cpus, seed, strategy, granularity, cost, storage, json_file,
+                     host_cpus, seed, strategy, granularity, cost, storage, host, json_file,
                      progress):
     """max_guest_memory_test, the series' selftest, on a simulated host: populate up to -m
     GiB through memslots aliasing one backing region, reset every vCPU's MMU context,
@@ -277,7 +319,7 @@ def max_guest_memory(vcpus, max_mem, slot_size, hugetlb, kernel, knobs, config, 
     cfg = mgm.MgmConfig(vcpus=vcpus, max_mem_gib=max_mem, slot_gib=slot_size,
                         hugetlb=hugetlb, maxphyaddr=maxphyaddr, host_cpus=host_cpus,
                         seed=seed, strategy=strategy, granularity=granularity,
-                        storage=storage, costs=tuple(cost))
+                        storage=storage, costs=tuple(cost), **host)
     mgm.layout(cfg)                      # every configuration error before any run
     if json_file:                        # and an unwritable output before the first run
         open(json_file, "a").close()

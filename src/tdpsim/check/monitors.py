@@ -58,22 +58,29 @@ class Monitors:
                             "doing": th.doing if th else ""})
         reported = host.reports_of("soft_lockup")
         longest = max(eps, key=lambda e: e["stuck_ns"]) if eps else None
-        stalls = host.rcu.stalls
+        rcu = host.rcu
+        stalls = rcu.stalls
         lstall = max(stalls, key=lambda s: s["inside_ns"]) if stalls else None
+        geps = list(rcu.stall_episodes) + [e for e in (rcu.open_stall(),) if e]
         blocked = sorted(self.blocked)
         durs = np.array([b[0] for b in blocked], dtype=np.int64)
         lock = kvm.mmu_lock
         tdp = kvm.arch.tdp
         out = {
             "soft_lockups": {
+                # reports as the kernel prints them (re-reported while stuck), episodes
                 "count": len(reported),
+                "episodes": len(eps),
                 "longest_ns": longest["stuck_ns"] if longest else 0,
                 "cpu": longest["cpu"] if longest else None,
                 "task": longest["task"] if longest else None,
                 "doing": longest["doing"] if longest else None,
             },
             "rcu_stalls": {
-                "count": len(stalls),
+                # stall warnings (one per tick that reports), GPs reported stalled
+                "count": len({(s["gp"], s["t"]) for s in stalls}),
+                "episodes": len(geps),
+                "longest_gp_ns": max((e["ns"] for e in geps), default=0),
                 "longest_inside_ns": lstall["inside_ns"] if lstall else 0,
                 "task": lstall["task"] if lstall else None,
                 "doing": lstall["doing"] if lstall else None,

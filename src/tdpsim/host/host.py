@@ -22,6 +22,8 @@ S = 1_000_000_000
 DAEMON_KINDS = frozenset({"kworker", "daemon"})
 
 PREEMPT_MODELS = ("none", "voluntary", "dynamic", "full")
+#: CONFIG_HZ values x86 offers (kernel/Kconfig.hz)
+HZ_CHOICES = (100, 250, 300, 1000)
 
 
 @dataclass
@@ -36,6 +38,8 @@ class HostConfig:
     watchdog_thresh_s: int = 10
     #: CONFIG_RCU_CPU_STALL_TIMEOUT (3..300 s)
     rcu_stall_timeout_s: int = 21
+    #: CONFIG_HZ: the scheduling-clock tick (jiffies) RCU's stall checks run on
+    hz: int = 1000
     #: wq_watchdog_thresh
     wq_stall_thresh_s: int = 30
     #: host RAM in 4 KiB pages (None: unbounded)
@@ -50,6 +54,9 @@ class HostConfig:
                              f"got {self.preempt!r}")
         check_range("watchdog_thresh_s", self.watchdog_thresh_s, 1, 60)
         check_range("rcu_stall_timeout_s", self.rcu_stall_timeout_s, 3, 300)
+        if self.hz not in HZ_CHOICES:
+            raise ValueError(f"hz: expected one of {', '.join(map(str, HZ_CHOICES))}, "
+                             f"got {self.hz!r}")
         check_range("wq_stall_thresh_s", self.wq_stall_thresh_s, 1, 3600)
         check_range("second_ns", self.second_ns, 1000, S)
 
@@ -67,8 +74,14 @@ class HostConfig:
         return self.watchdog_thresh_s * 2 * self.second_ns // 5
 
     @property
-    def rcu_stall_timeout_ns(self) -> int:
-        return self.rcu_stall_timeout_s * self.second_ns
+    def watchdog_ts_unit_ns(self) -> int:
+        # kernel: get_timestamp() is running_clock() >> 30, "seconds" of 2^30 ns
+        return (self.second_ns << 30) // S
+
+    @property
+    def jiffy_ns(self) -> int:
+        """One tick (at HZ=300, 3,333,333 ns: jiffies are whole nanoseconds here)."""
+        return self.second_ns // self.hz
 
     @property
     def wq_stall_thresh_ns(self) -> int:

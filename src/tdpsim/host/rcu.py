@@ -10,9 +10,12 @@ Model (tree RCU reduced to what the TDP MMU relies on):
 * Callbacks queued before a GP starts are invoked when it ends; callbacks queued during a GP
   wait for the next one.  Invocation happens at the GP's end, in order of queueing (the
   kernel runs them from softirq soon after; that delay is not modelled).
-* RCU CPU stall: if a GP has not ended ``rcu_stall_timeout`` after it started, each reader
-  still holding it up is reported (CPU, task, what it was doing, how long it has been inside).
-  One report per GP.
+* RCU CPU stall, as kernel/rcu/tree_stall.h reports it: checked on the scheduling-clock
+  tick, so the first report is at the tick where jiffies reach the GP's start jiffy plus
+  ``rcu_stall_timeout`` (``jiffies_stall``), if the GP is still waiting on a reader; each
+  reader still holding it up is reported (CPU, task, what it was doing, how long it has
+  been inside).  The next report of the same GP is 3 x timeout + 3 jiffies later
+  (``check_cpu_stall``).
 
 Read-side sections are not Resources: bulk loops never enter or leave one mid-bulk.  The
 callback queues are: a bulk that queues callbacks (a run of page tables torn down)
@@ -38,7 +41,9 @@ class Rcu(Resource):
         self.host = host
         self.engine = host.engine
         self.gp_min = host.costs.rcu_gp_min
-        self.stall_timeout = host.config.rcu_stall_timeout_ns
+        cfg = host.config
+        self.jiffy = cfg.jiffy_ns
+        self.stall_jiffies = cfg.rcu_stall_timeout_s * cfg.hz   # rcu_jiffies_till_stall_check
         self.readers: dict[int, "Thread"] = {}
         self.gp_seq = 0               # number of GPs completed
         self.gp_running = False
@@ -52,6 +57,9 @@ class Rcu(Resource):
         self._waiters: list[tuple[int, "Thread"]] = []  # (gp number to wait for, thread)
         self.owner = Task(self.engine.new_id(), "rcu")
         self.stalls: list[dict] = []
+        #: GPs that were reported stalled: {"gp", "start", "ns"} (ns: how long the GP took)
+        self.stall_episodes: list[dict] = []
+        self._stalled = False           # the running GP has been reported
         self.callbacks_invoked = 0
         self.longest_section = 0
         self.longest_section_who: tuple[str, int] | None = None
@@ -125,10 +133,12 @@ class Rcu(Resource):
         self._cur, self._next = self._next, []
         self._holdouts = dict(self.readers)
         self._min_elapsed = False
+        self._stalled = False
         gp = self.gp_seq + 1
         eng.call_at(eng.now + self.gp_min, lambda _v: self._min_done(gp), "rcu_gp", self.owner)
-        eng.call_at(eng.now + self.stall_timeout, lambda _v: self._stall_check(gp),
-                    "rcu_stall", self.owner)
+        js = eng.now // self.jiffy + self.stall_jiffies        # jiffies_stall
+        eng.call_at(js * self.jiffy, lambda _v: self._stall_check(gp), "rcu_stall",
+                    self.owner)
         if eng.trace is not None:
             eng.trace.emit(eng.now, "rcu_gp_start", None, gp=gp, holdouts=len(self._holdouts))
 
@@ -144,6 +154,9 @@ class Rcu(Resource):
         self._settle()
         self.gp_seq += 1
         self.gp_running = False
+        if self._stalled:
+            self.stall_episodes.append({"gp": self.gp_seq, "start": self.gp_start,
+                                        "ns": eng.now - self.gp_start})
         if eng.trace is not None:
             eng.trace.emit(eng.now, "rcu_gp_end", None, gp=self.gp_seq,
                            callbacks=sum(n for _, n in self._cur))
@@ -161,14 +174,28 @@ class Rcu(Resource):
         if self._next or self._waiters:
             self._start_gp()
 
+    def open_stall(self) -> dict | None:
+        """The running GP as a stall episode so far, if it has been reported."""
+        if not (self.gp_running and self._stalled):
+            return None
+        return {"gp": self.gp_seq + 1, "start": self.gp_start,
+                "ns": self.engine.now - self.gp_start}
+
     def _stall_check(self, gp: int) -> None:
+        """check_cpu_stall at the tick where jiffies reach ``jiffies_stall``: report the
+        readers holding the GP up, then look again 3 x timeout + 3 jiffies later."""
         if not self.gp_running or gp != self.gp_seq + 1 or not self._holdouts:
             return
-        now = self.engine.now
+        eng = self.engine
+        now = eng.now
+        self._stalled = True
         for th in self._holdouts.values():
-            rec = {"gp": gp, "cpu": th.cpu.id if th.cpu else -1, "task": th.name,
+            rec = {"gp": gp, "t": now, "cpu": th.cpu.id if th.cpu else -1, "task": th.name,
                    "inside_ns": now - th.rcu_since, "gp_age_ns": now - self.gp_start,
                    "doing": th.doing}
             self.stalls.append(rec)
             self.host.report("rcu_stall", th, cpu=rec["cpu"], inside_ns=rec["inside_ns"],
                              gp_age_ns=rec["gp_age_ns"], doing=th.doing)
+        jn = now // self.jiffy + 3 * self.stall_jiffies + 3
+        eng.call_at(jn * self.jiffy, lambda _v: self._stall_check(gp), "rcu_stall",
+                    self.owner)

@@ -16,9 +16,12 @@ Model (a simplification of CFS, recorded in docs/design-notes.md):
 * Wakeup placement: a pinned task goes to its CPU; an unbound one to an idle CPU (its
   previous CPU first, then by id; a decision when several are idle), else to the shortest
   runqueue.  An idle CPU steals the oldest waiting unbound task from other runqueues.
-* Soft lockup: reported at exactly ``touch + softlockup_thresh`` when the CPU has stayed
-  busy without its stopper running since ``touch`` (the kernel notices at its next 4 s
-  sample; we report at the threshold itself so scenarios can assert it).
+* Soft lockup, as kernel/watchdog.c reports it: the per-CPU hrtimer fires on the same 4 s
+  grid; it kicks the stopper and compares timestamps in units of 2^30 ns (the kernel's
+  ``get_timestamp``, "seconds").  It reports when now is strictly more than
+  2 x watchdog_thresh units after the last report (or the last touch), saying "stuck for
+  N s" with N counted from the last touch, and re-reports every ~2 x watchdog_thresh
+  while the CPU stays stuck.  An episode ends when the stopper runs.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Cpu(Resource):
     """One pCPU.  As a Resource it stands for the need_resched flag of that CPU."""
 
     __slots__ = ("id", "curr", "rq", "slice_start", "resched_at", "touch", "idle_since",
-                 "lockup_touch", "lockup_gen", "watchdog", "busy_ns")
+                 "lockup_touch", "report_ts", "lockup_gen", "watchdog", "busy_ns")
 
     def __init__(self, cid: int):
         super().__init__()
@@ -72,6 +75,7 @@ class Cpu(Resource):
         self.touch = 0              # last time the watchdog stopper ran here
         self.idle_since = 0         # valid while curr is None
         self.lockup_touch = -1      # touch value of the episode already reported
+        self.report_ts = 0          # watchdog_report_ts: the last touch or report, in units
         self.lockup_gen = 0         # generation of the one live lockup timer
         self.watchdog: Task | None = None  # owner of the timer (fixed rank)
         self.busy_ns = 0
@@ -85,12 +89,15 @@ class Scheduler:
         cfg = host.config
         self.period = cfg.watchdog_sample_period_ns
         self.lockup_thresh = cfg.softlockup_thresh_ns
+        #: the watchdog's timestamp unit (2^30 ns) and threshold in those units
+        self.ts_unit = cfg.watchdog_ts_unit_ns
+        self.thresh_units = 2 * cfg.watchdog_thresh_s
         self.timeslice = host.costs.sched_timeslice
         self.switch_cost = host.costs.context_switch
         self.lockup_episodes: list[dict] = []
         for cpu in self.cpus:
             cpu.watchdog = Task(self.engine.new_id(), f"watchdog/{cpu.id}")
-            self._arm_lockup(cpu, self.lockup_thresh)
+            self._arm_lockup(cpu)
 
     # ---- need_resched -----------------------------------------------------------------
 
@@ -148,8 +155,8 @@ class Scheduler:
         if cpu.curr is None:
             if now >= self.kick_at(cpu):
                 # the stopper ran at the last kick while the CPU was idle
-                cpu.touch = max(cpu.touch, (now // self.period) * self.period)
-            self._arm_lockup(cpu, cpu.touch + self.lockup_thresh)
+                self._touch(cpu, max(cpu.touch, (now // self.period) * self.period))
+            self._arm_lockup(cpu)
         cpu.curr = th
         th.cpu = cpu
         th.state = RUNNING
@@ -190,7 +197,7 @@ class Scheduler:
         if now >= self.kick_at(cpu):
             if cpu.lockup_touch == cpu.touch:
                 self._end_lockup(cpu, now)
-            cpu.touch = now
+            self._touch(cpu, now)
 
     # ---- what threads call (generators: ``yield from sched.xxx(th)``) -------------------
 
@@ -237,26 +244,37 @@ class Scheduler:
 
     # ---- soft-lockup detector -----------------------------------------------------------
 
-    def _arm_lockup(self, cpu: Cpu, t: int) -> None:
+    def _touch(self, cpu: Cpu, t: int) -> None:
+        """update_touch_ts: the stopper ran at ``t`` (both timestamps restart there)."""
+        cpu.touch = t
+        cpu.report_ts = t // self.ts_unit
+
+    def _arm_lockup(self, cpu: Cpu) -> None:
+        """Wake the detector at the first sample that could report: the first grid point
+        whose timestamp is more than the threshold past ``report_ts`` (the samples before
+        it cannot report, whatever happens)."""
+        t = (cpu.report_ts + self.thresh_units + 1) * self.ts_unit
+        t = -(-t // self.period) * self.period
         cpu.lockup_gen += 1
         self.engine.call_at(t, lambda gen, c=cpu: self._check_lockup(c, gen), "softlockup",
                             owner=cpu.watchdog, value=cpu.lockup_gen)
 
     def _check_lockup(self, cpu: Cpu, gen: int) -> None:
+        """watchdog_timer_fn's check at a sample (is_softlockup)."""
         if gen != cpu.lockup_gen:
             return  # superseded by a later arm
         now = self.engine.now
-        due = cpu.touch + self.lockup_thresh
-        if cpu.curr is None or now < due:
-            self._arm_lockup(cpu, max(due, now + 1) if cpu.curr is not None
-                             else now + self.lockup_thresh)
-            return
-        if cpu.lockup_touch != cpu.touch:
+        if cpu.curr is None:
+            # idle: the stopper ran at the kick before this sample
+            self._touch(cpu, max(cpu.touch, now - self.period))
+        elif now // self.ts_unit > cpu.report_ts + self.thresh_units:
             cpu.lockup_touch = cpu.touch
+            cpu.report_ts = now // self.ts_unit
             th = cpu.curr
-            self.host.report("soft_lockup", th, cpu=cpu.id, stuck_ns=now - cpu.touch,
-                             doing=th.doing)
-        self._arm_lockup(cpu, now + self.lockup_thresh)
+            self.host.report("soft_lockup", th, cpu=cpu.id,
+                             stuck_s=cpu.report_ts - cpu.touch // self.ts_unit,
+                             stuck_ns=now - cpu.touch, doing=th.doing)
+        self._arm_lockup(cpu)
 
     def _end_lockup(self, cpu: Cpu, now: int) -> None:
         cpu.lockup_touch = -1

@@ -5,6 +5,8 @@ operations per wall second.  Input: the plain-data results of
 
 from __future__ import annotations
 
+from ..workloads.vm_demo import host_line
+
 
 def _s(ns: int) -> str:
     """Simulated seconds in the selftest's format (%ld.%.9ld)."""
@@ -71,10 +73,11 @@ def rows(r: dict) -> list[tuple[str, str]]:
     sl, rc, vb, ml = sy["soft_lockups"], sy["rcu_stalls"], sy["vcpu_blocked"], sy["mmu_lock"]
     pt, t = sy["page_tables"], r["selftest"]
     return [
-        ("soft lockups", str(sl["count"])),
-        ("  longest stuck", _dur(sl["longest_ns"])),
+        ("soft lockup reports", str(sl["count"])),
+        ("  episodes, longest", f"{sl['episodes']}, {_dur(sl['longest_ns'])}"),
         ("  where", _who(sl["task"], sl["cpu"], sl["doing"])),
-        ("RCU stalls", str(rc["count"])),
+        ("RCU stall reports", str(rc["count"])),
+        ("  stalled GPs, longest", f"{rc['episodes']}, {_dur(rc['longest_gp_ns'])}"),
         ("  longest inside a GP", _dur(rc["longest_inside_ns"])),
         ("  holdout", _who(rc["task"], None, rc["doing"])),
         ("  longest read-side section", f"{_dur(rc['longest_read_side_ns'])}"
@@ -118,7 +121,8 @@ def render(results: list[dict]) -> str:
                  f"-s {c['slot_gib']}{' -H' if c['hugetlb'] else ''}; host: "
                  f"{c['host_cpus']} CPUs, MAXPHYADDR {c['maxphyaddr']} "
                  f"({results[0]['layout']['root_level']}-level TDP), "
-                 f"{results[0]['layout']['slots']} memslots; seed {c['seed']}, "
+                 f"{results[0]['layout']['slots']} memslots, {host_line(c['host'])}; "
+                 f"seed {c['seed']}, "
                  f"{c['strategy']}, {c['granularity']}, {c['storage']} page tables")
     for r in results:
         lines.append("")

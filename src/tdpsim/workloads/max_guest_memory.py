@@ -70,10 +70,20 @@ class MgmConfig:
     #: page-table layout (mmu/store.py): "compressed" or "dense" (the reference layout)
     storage: str = "compressed"
     costs: tuple = ()               # ((name, ns), ...) overrides
+    #: the host kernel's settings (HostConfig's fields of the same names)
+    preempt: str = "dynamic"
+    watchdog_thresh_s: int = 10
+    rcu_stall_timeout_s: int = 21
+    hz: int = 1000
     #: watchdog thresholds scale with this many ns per "second" (tests lower it)
     second_ns: int = 1_000_000_000
     tlb_capacity: int | None = 1536
     psc_capacity: int | None = 32
+
+    def host_settings(self) -> dict:
+        """The HostConfig fields this configuration sets (as the JSON's config shows them)."""
+        return {"preempt": self.preempt, "watchdog_thresh_s": self.watchdog_thresh_s,
+                "rcu_stall_timeout_s": self.rcu_stall_timeout_s, "hz": self.hz}
 
     @property
     def nr_vcpus(self) -> int:
@@ -210,7 +220,7 @@ def run(cfg: MgmConfig, policy: Policy | str = "5.18", trace=None,
                   strategy=cfg.strategy, seed=cfg.seed, policy=pol, hugetlb=cfg.hugetlb,
                   costs=CostModel(dict(cfg.costs)), tlb_capacity=cfg.tlb_capacity,
                   psc_capacity=cfg.psc_capacity, second_ns=cfg.second_ns, trace=trace,
-                  storage=cfg.storage)
+                  storage=cfg.storage, host_config=cfg.host_settings())
     for _ in range(lay.nslots):
         h.add_slot()
     host, eng = h.host, h.host.engine
@@ -292,7 +302,7 @@ def _result(cfg, lay, pol, h, stamps, wall) -> dict:
                    "maxphyaddr": cfg.maxphyaddr, "host_cpus": cfg.host_cpus,
                    "seed": cfg.seed, "strategy": cfg.strategy,
                    "granularity": cfg.granularity, "storage": cfg.storage,
-                   "costs": dict(cfg.costs)},
+                   "costs": dict(cfg.costs), "host": cfg.host_settings()},
         "layout": {"slots": lay.nslots, "guest_gib": lay.guest_gib,
                    "chunk_pages": lay.chunk_pages, "root_level": tdp.root_level},
         "selftest": sel,

@@ -13,10 +13,13 @@ SLOT_PAGES = 16384           # 64 MiB per memslot
 
 
 def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: str,
-                granularity: str, storage: str = "compressed") -> dict:
+                granularity: str, storage: str = "compressed", host: dict | None = None
+                ) -> dict:
+    """``host``: HostConfig fields (``--preempt`` ...); the defaults otherwise."""
     h = VmHarness(ncpus=nvcpus + 1, nvcpus=nvcpus, pages=SLOT_PAGES, nslots=nslots,
                   policy=policy, seed=seed, strategy=strategy, granularity=granularity,
-                  tlb_capacity=1536, psc_capacity=32, storage=storage)
+                  tlb_capacity=1536, psc_capacity=32, storage=storage, host_config=host)
+    hc = h.host.config
     total = nslots * SLOT_PAGES
     chunk = total // nvcpus
 
@@ -43,12 +46,20 @@ def run_vm_demo(policy: Policy, nvcpus: int, nslots: int, seed: int, strategy: s
         "kernel": name if name in PRESETS else "custom",
         "knobs": asdict(policy),
         "config": {"vcpus": nvcpus, "slots": nslots, "seed": seed, "strategy": strategy,
-                   "granularity": granularity, "storage": storage},
+                   "granularity": granularity, "storage": storage,
+                   "host": {"preempt": hc.preempt, "watchdog_thresh_s": hc.watchdog_thresh_s,
+                            "rcu_stall_timeout_s": hc.rcu_stall_timeout_s, "hz": hc.hz}},
         "sim_end_s": h.host.engine.now / 1e9,
         "symptoms": h.monitors.summary(),
         "findings": [f.as_dict() | {"excerpt": f.excerpt[-5:]} for f in h.findings],
         "verdict": h.checker.verdict(),
     }
+
+
+def host_line(hc: dict) -> str:
+    """The host kernel's settings, as the run headers show them."""
+    return (f"preempt={hc['preempt']}, HZ={hc['hz']}, watchdog_thresh={hc['watchdog_thresh_s']}"
+            f" s, RCU stall timeout {hc['rcu_stall_timeout_s']} s")
 
 
 def render(s: dict) -> str:
@@ -58,7 +69,8 @@ def render(s: dict) -> str:
         f"tdpsim vm: kernel {s['kernel']}"
         + (f" (knobs off: {', '.join(off)})" if s["kernel"] == "custom" else "")
         + f", {s['config']['vcpus']} vCPUs, {s['config']['slots']} x 64 MiB slots, "
-          f"{s['config']['granularity']}, {s['config']['storage']} page tables",
+          f"{s['config']['granularity']}, {s['config']['storage']} page tables; "
+          f"{host_line(s['config']['host'])}",
         f"simulated time {s['sim_end_s']:.6f} s",
         "root zaps: " + ", ".join(f"root#{z['root']} by {z['task']} "
                                    f"({z['ns'] / 1e6:.3f} ms, "
