@@ -15,9 +15,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..kvm.vcpu import MODEL_COUNTERS, VCPU_STATS
+
 if TYPE_CHECKING:
     from ..host.host import Host
     from ..kvm.vm import Kvm
+
+
+def _percentile(values: np.ndarray, q: float) -> int:
+    """The q-th percentile as one of the observed values (nearest rank: the smallest value
+    with at least q % of the values at or below it), 0 for none."""
+    if not len(values):
+        return 0
+    return int(np.percentile(values, q, method="inverted_cdf"))
+
+
+def _vcpu_stats(kvm: "Kvm", names: tuple) -> dict:
+    """Per-vCPU counters: their totals over the VM, and each vCPU's."""
+    return {"total": {k: sum(v.stat[k] for v in kvm.vcpus) for k in names},
+            "per_vcpu": {v.name: {k: v.stat[k] for k in names} for v in kvm.vcpus}}
 
 
 class Monitors:
@@ -90,8 +106,8 @@ class Monitors:
             "vcpu_blocked": {
                 "episodes": len(blocked),
                 "max_ns": int(durs.max()) if len(durs) else 0,
-                "p50_ns": int(np.percentile(durs, 50)) if len(durs) else 0,
-                "p99_ns": int(np.percentile(durs, 99)) if len(durs) else 0,
+                "p50_ns": _percentile(durs, 50),
+                "p99_ns": _percentile(durs, 99),
                 "total_ns": int(durs.sum()) if len(durs) else 0,
                 "who": blocked[-1][1] if blocked else None,
                 "why": blocked[-1][2] if blocked else None,
@@ -106,12 +122,15 @@ class Monitors:
             },
             "remote_tlb_flush": kvm.stat["remote_tlb_flush"],
             "remote_tlb_flush_requests": kvm.stat["remote_tlb_flush_requests"],
-            "ipis": kvm.stat["ipis"],
+            "ipis": kvm.ipis,
             "page_tables": {"allocated": tdp.pt.allocated, "freed": tdp.pt.freed,
                             "peak_pages": tdp.pt.peak,
                             "peak_bytes": tdp.pt.peak * 4096},
             "zap_work": {"queued": tdp.zap_wq.queued, "completed": tdp.zap_wq.completed},
             "root_zaps": [dict(z) for z in tdp.root_zaps],
             "stats": dict(kvm.stat),
+            "vcpu_stats": _vcpu_stats(kvm, VCPU_STATS),
+            "model_counters": {"ipis": kvm.ipis,
+                               "vcpu": _vcpu_stats(kvm, MODEL_COUNTERS)},
         }
         return out

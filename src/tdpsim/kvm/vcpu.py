@@ -34,6 +34,12 @@ from .vm import (EXITING_GUEST_MODE, IN_GUEST_MODE, KVM_REQ_MMU_FREE_OBSOLETE_RO
 if TYPE_CHECKING:
     from ..host.sched import Thread
 
+#: the per-vCPU statistics 5.17/5.18 KVM has (kvm_vcpu_stats_desc) that the model keeps
+VCPU_STATS = ("exits", "pf_fixed", "mmio_exits", "tlb_flush")
+#: the model's own per-vCPU counters (KVM's pf_taken / pf_spurious / pf_retry arrived after
+#: 5.18; root loads are not counted by KVM)
+MODEL_COUNTERS = ("pf_taken", "pf_spurious", "pf_retry", "root_loads")
+
 
 class Fault:
     """``struct kvm_page_fault`` (the parts the TDP MMU uses)."""
@@ -161,8 +167,9 @@ class Vcpu(Resource):
         self.root = None          # the loaded root (ShadowPage) or None
         self.tlb = Tlb(tlb_capacity, psc_capacity)
         self.exit_waiters: list = []
-        self.stat = {"exits": 0, "pf_taken": 0, "pf_fixed": 0, "pf_spurious": 0,
-                     "pf_retry": 0, "mmio_exits": 0, "tlb_flush": 0, "root_loads": 0}
+        #: KVM's statistics of this vCPU (VCPU_STATS) and the model's own counters
+        #: (MODEL_COUNTERS)
+        self.stat = dict.fromkeys(VCPU_STATS + MODEL_COUNTERS, 0)
         self.fault: Fault | None = None
         #: CR0.WP is part of the root's role in 5.17/5.18: toggling it needs a new root
         self.cr0_wp = True

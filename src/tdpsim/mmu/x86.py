@@ -48,7 +48,7 @@ class X86Mmu:
         kvm.mmu_lock.write_unlock(th)
         vcpu.root = root
         vcpu.tlb.flush(kvm.engine.now)
-        vcpu.stat["root_loads"] += 1
+        vcpu.account(root_loads=1)
         yield kvm.costs.root_load
         kvm.observe("root_load", vcpu=vcpu, root=root, t=kvm.engine.now,
                     wait_ns=kvm.engine.now - t0)
