@@ -153,6 +153,10 @@ def test_command_prints_the_selftest_lines_the_table_and_the_verdict(tmp_path):
     assert err == ""                                 # no progress bars when not a terminal
     lines = out.splitlines()
     assert lines.count("Running with 2gb of guest memory and 2 vCPUs") == 2
+    for phase in ("spawning", "run 1", "reset", "run 2"):       # the rendezvous lines
+        w = [i for i, x in enumerate(lines) if x == f"Waiting for vCPUs to finish {phase}..."]
+        assert len(w) == 2
+        assert all(lines[i + 1] == f"All vCPUs finished {phase}, releasing..." for i in w)
     runs = [x for x in lines if x.startswith("run1 = ")]
     assert len(runs) == 2 and all(", run2 =  " in x for x in runs)
     head = next(x for x in lines if x.startswith("symptom"))

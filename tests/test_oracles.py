@@ -12,7 +12,7 @@ import pytest
 
 from tdpsim.host.mm import PAGE
 from tdpsim.kvm.vcpu import Accesses, Guest, TouchGuest
-from tdpsim.kvm.vm import IN_GUEST_MODE
+from tdpsim.kvm.vm import EXITING_GUEST_MODE, IN_GUEST_MODE
 from tdpsim.mmu import spte as S
 from tdpsim.mmu.tdp_iter import TdpIter
 from tdpsim.workloads.vm import GPA_4G_GFN, VmHarness
@@ -267,6 +267,30 @@ def test_use_after_free_hw_walk_through_pde_cache(buggy):
     assert (f.kind, f.task) == ("use_after_free", "vcpu0")
     assert f.details["pfn"] == st["sp"].pfn
     assert f.details["what"] == "hardware walk through PDE cache"
+
+
+def test_kvm_zap_gfn_range_merges_its_retry_range_with_an_invalidation_in_progress():
+    """kvm_zap_gfn_range bumps the notifier count through kvm_inc_notifier_count: merged
+    with an invalidation in progress (min/max), and left so until that one ends.  (The
+    model's range is the whole hva space, where 5.17/5.18 pass the gfns.)"""
+    h = VmHarness(nvcpus=1, pages=64, nslots=1)
+    kvm = h.kvm
+    g = h.slot_gfn(1) + 7
+    hva0, hva1 = h.hva, h.hva + 8 * PAGE
+    st = {}
+
+    def fn(th):
+        kvm.kvm_inc_notifier_count(hva0, hva1)      # invalidate_range_start in progress
+        yield from h.arch.kvm_zap_gfn_range(th, g, g + 1)
+        st["range"] = (kvm.mmu_notifier_count, kvm.mmu_notifier_range_start,
+                       kvm.mmu_notifier_range_end)
+        kvm.kvm_dec_notifier_count(hva0, hva1)
+        st["after"] = kvm.mmu_notifier_count
+
+    driver(h, fn, touched(h, 16))
+    h.run()
+    assert st["range"] == (1, 0, 1 << 62) and st["after"] == 0
+    assert h.findings == []
 
 
 @pytest.mark.parametrize("buggy", [False, True])
@@ -873,6 +897,39 @@ def test_monitor_remote_flush_and_ipis(in_guest_mode):
     assert s["model_counters"]["ipis"] == s["ipis"]
     # only a running vCPU acted (tlb_flush: KVM's per-vCPU statistic)
     assert s["vcpu_stats"]["per_vcpu"]["vcpu0"]["tlb_flush"] == int(in_guest_mode)
+    assert h.findings == []
+
+
+def test_a_waiting_request_kicks_a_vcpu_already_exiting():
+    """kvm_request_needs_ipi: a request with KVM_REQUEST_WAIT (a TLB flush) IPIs every vCPU
+    whose mode is not OUTSIDE_GUEST_MODE, so a second flush that finds the vCPU EXITING
+    (kicked by the first, not out yet) sends its own IPI, waits, and counts."""
+    h = VmHarness(nvcpus=1, pages=64, nslots=1)
+    v = h.vcpus[0]
+    st = {"stop": 0, "modes": []}
+    spin = spinning(h, [h.slot_gfn(1)], lambda: st["stop"] == 2, n=8)
+
+    def first(th):
+        yield from in_guest(th, v, spin)
+        st["modes"].append(v.mode)
+        yield from h.kvm.flush_remote_tlbs(th)
+        st["stop"] += 1
+
+    def second(th):
+        yield from spin.wait(th)
+        while v.mode != EXITING_GUEST_MODE:      # the first flush has kicked it
+            yield 1
+        st["modes"].append(v.mode)
+        yield from h.kvm.flush_remote_tlbs(th)
+        st["stop"] += 1
+
+    driver(h, first, name="first")
+    driver(h, second, name="second")
+    h.run()
+    s = h.monitors.summary()
+    assert st["modes"] == [IN_GUEST_MODE, EXITING_GUEST_MODE]
+    assert s["remote_tlb_flush_requests"] == 2
+    assert s["remote_tlb_flush"] == 2 and s["ipis"] == 2    # the second kicked it too
     assert h.findings == []
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Generator
 
 import numpy as np
 
-from ..kvm.vm import IN_GUEST_MODE
+from ..kvm.vm import OUTSIDE_GUEST_MODE
 from ..mmu import spte as S
 from ..mmu.page import ShadowPage
 from ..sim.engine import Bulk
@@ -77,11 +77,12 @@ def make(tdp: "TdpMmu"):
         return n
 
     def idle_vcpus() -> bool:
-        """No vCPU is in guest mode: a flush kicks nobody (settles what may say else)."""
+        """Every vCPU is outside guest mode: a flush kicks nobody (settles what may say
+        else)."""
         for v in kvm.vcpus:
             if v.bulks:
                 eng.settle(v)
-            if v.mode == IN_GUEST_MODE:
+            if v.mode != OUTSIDE_GUEST_MODE:
                 return False
         return True
 

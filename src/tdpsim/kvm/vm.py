@@ -157,7 +157,8 @@ class Kvm:
         return max(1, self.costs.tlb_flush_request * len(self.vcpus))
 
     def make_all_cpus_request(self, th: "Thread", req: str, wait: bool = True) -> Generator:
-        """kvm_make_all_cpus_request: returns True if any vCPU was IPI'd."""
+        """kvm_make_all_cpus_request: returns True if any vCPU was IPI'd.  ``wait``: the
+        request has KVM_REQUEST_WAIT (TLB flushes, freeing obsolete roots)."""
         costs = self.costs
         kicked = []
         for v in self.vcpus:
@@ -166,7 +167,10 @@ class Kvm:
             if self.engine.check_settle:
                 self.engine.assert_settled(v, None, None, False)
             v.requests.add(req)
-            if v.mode == IN_GUEST_MODE:
+            # kvm_request_needs_ipi: a waiting request kicks every vCPU not outside guest
+            # mode (one already EXITING may still be reading the page tables), others only
+            # those in guest mode
+            if v.mode == IN_GUEST_MODE or (wait and v.mode == EXITING_GUEST_MODE):
                 v.mode = EXITING_GUEST_MODE
                 kicked.append(v)
         yield self.request_cost()
@@ -195,7 +199,7 @@ class Kvm:
         self.observe("remote_flush", t=self.engine.now, task=th.name)
 
     def account_idle_flushes(self, th: "Thread", n: int, done_times) -> None:
-        """``n`` kvm_flush_remote_tlbs calls made while no vCPU is in guest mode (a fast-mode
+        """``n`` kvm_flush_remote_tlbs calls made while every vCPU is outside guest mode (a fast-mode
         bulk of them): each counts a request and sets KVM_REQ_TLB_FLUSH on every vCPU
         (nobody to kick or wait for); those that have returned, at ``done_times``, are
         observed as one batch.  The caller has settled the vCPUs and declares them."""
@@ -219,6 +223,22 @@ class Kvm:
                 self.mmu_notifier_range_start <= hva < self.mmu_notifier_range_end:
             return True
         return self.mmu_notifier_seq != seq
+
+    def kvm_inc_notifier_count(self, start: int, end: int) -> None:
+        """kvm_inc_notifier_count: one more invalidation in progress; the range faults must
+        retry on is the smallest covering every one in progress (hva-based; 5.17/5.18's
+        kvm_zap_gfn_range passes gfns into it all the same)."""
+        self.mmu_notifier_count += 1
+        if self.mmu_notifier_count == 1:
+            self.mmu_notifier_range_start, self.mmu_notifier_range_end = start, end
+        else:
+            self.mmu_notifier_range_start = min(self.mmu_notifier_range_start, start)
+            self.mmu_notifier_range_end = max(self.mmu_notifier_range_end, end)
+
+    def kvm_dec_notifier_count(self, start: int, end: int) -> None:
+        """kvm_dec_notifier_count: the invalidation is done; mmu_notifier_seq moves on."""
+        self.mmu_notifier_seq += 1
+        self.mmu_notifier_count -= 1
 
 
 class _Waiter:
@@ -270,18 +290,10 @@ class KvmMmuNotifier(MmuNotifierOps):
         return ret
 
     def _inc_count(self, start: int, end: int) -> None:
-        kvm = self.kvm
-        kvm.mmu_notifier_count += 1
-        if kvm.mmu_notifier_count == 1:
-            kvm.mmu_notifier_range_start, kvm.mmu_notifier_range_end = start, end
-        else:
-            kvm.mmu_notifier_range_start = min(kvm.mmu_notifier_range_start, start)
-            kvm.mmu_notifier_range_end = max(kvm.mmu_notifier_range_end, end)
+        self.kvm.kvm_inc_notifier_count(start, end)
 
     def _dec_count(self, start: int, end: int) -> None:
-        kvm = self.kvm
-        kvm.mmu_notifier_seq += 1
-        kvm.mmu_notifier_count -= 1
+        self.kvm.kvm_dec_notifier_count(start, end)
 
     def invalidate_range_start(self, th, rng: NotifierRange) -> Generator:
         arch = self.kvm.arch

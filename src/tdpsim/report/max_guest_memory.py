@@ -35,6 +35,9 @@ def selftest_lines(r: dict) -> list[str]:
     c, lay, t = r["config"], r["layout"], r["selftest"]
     out = [f"Running with {lay['guest_gib']}gb of guest memory and {c['vcpus']} vCPUs"]
     for name in ("spawning", "run 1", "reset", "run 2"):
+        # (the "\r%d vCPUs haven't rendezvoused..." lines the test overwrites in between,
+        # every 6.4 ms of waiting, are left out)
+        out.append(f"Waiting for vCPUs to finish {name}...")
         out.append(f"All vCPUs finished {name}, releasing...")
     # the selftest prints two spaces before run2's value
     out.append(f"run1 = {_s(t['run1_ns'])}, reset = {_s(t['reset_ns'])}, "
