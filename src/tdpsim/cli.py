@@ -6,6 +6,7 @@ option and what it accepts.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -138,6 +139,7 @@ storage_option = click.option(
          "and full tables in a row as one record (same results; less memory, faster "
          "teardown on 5.18)")
 
+
 class HzOpt(OneOf):
     """--hz: one of CONFIG_HZ's values, as an int."""
 
@@ -172,7 +174,6 @@ def host_options(f):
     def wrap(*args, preempt, watchdog_thresh, rcu_stall_timeout, hz, **kw):
         return f(*args, host={"preempt": preempt, "watchdog_thresh_s": watchdog_thresh,
                               "rcu_stall_timeout_s": rcu_stall_timeout, "hz": hz}, **kw)
-    import functools
     return _options(*opts)(functools.update_wrapper(wrap, f))
 
 

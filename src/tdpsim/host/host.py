@@ -65,10 +65,6 @@ class HostConfig:
         return self.preempt in ("dynamic", "full")
 
     @property
-    def softlockup_thresh_ns(self) -> int:
-        return 2 * self.watchdog_thresh_s * self.second_ns
-
-    @property
     def watchdog_sample_period_ns(self) -> int:
         # kernel: sample_period = watchdog_thresh * 2 / 5 seconds (4 s by default)
         return self.watchdog_thresh_s * 2 * self.second_ns // 5

@@ -88,7 +88,6 @@ class Scheduler:
         self.cpus = [Cpu(i) for i in range(ncpus)]
         cfg = host.config
         self.period = cfg.watchdog_sample_period_ns
-        self.lockup_thresh = cfg.softlockup_thresh_ns
         #: the watchdog's timestamp unit (2^30 ns) and threshold in those units
         self.ts_unit = cfg.watchdog_ts_unit_ns
         self.thresh_units = 2 * cfg.watchdog_thresh_s
