@@ -148,3 +148,40 @@ def test_wq_no_stall_for_a_long_running_item(mkhost):
     h.spawn(vmm, "vmm")
     h.run()
     assert h.reports_of("wq_stall") == []
+
+
+@pytest.mark.parametrize("preempt", ["none", "voluntary", "dynamic", "full"])
+def test_rcu_stall_holdouts_include_cpus_spinning_on_a_lock_without_preempt_rcu(mkhost,
+                                                                               preempt):
+    """Without CONFIG_PREEMPT_RCU (none, voluntary) RCU is RCU-sched: holding or spinning
+    on a lock (preemption off) holds up grace periods.  A writer holds mmu_lock 30 s, a
+    reader spins for it: both are stall holdouts; with preemptible RCU neither is."""
+    h = mkhost(ncpus=3, preempt=preempt)
+    lock = h.rwlock("vm:mmu_lock")
+
+    def holder(th):
+        yield from lock.write_lock(th)
+        yield 30 * S
+        lock.write_unlock(th)
+
+    def spinner(th):
+        yield 500_000_000
+        yield from lock.read_lock(th)
+        lock.read_unlock(th)
+
+    def updater(th):
+        yield 1_000_000_000
+        h.rcu.call_rcu(lambda: None)
+
+    h.spawn(holder, "holder", cpu=0)
+    h.spawn(spinner, "spinner", cpu=1)
+    h.spawn(updater, "u", cpu=2)
+    h.run()
+    reps = h.reports_of("rcu_stall")
+    if preempt in ("dynamic", "full"):
+        assert reps == [] and h.rcu.longest_section == 0
+        return
+    assert sorted(r["task"] for r in reps) == ["holder", "spinner"]
+    spin = next(r for r in reps if r["task"] == "spinner")
+    assert spin["doing"] == "spinning on vm:mmu_lock (read)"
+    assert h.rcu.longest_section >= 30 * S

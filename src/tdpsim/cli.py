@@ -157,7 +157,9 @@ def host_options(f):
                      show_default=True,
                      help="the host's preemption model: none, voluntary, dynamic (a "
                           "PREEMPT_DYNAMIC build, whatever mode it boots in) or full; "
-                          "rwlock_needbreak sees lock waiters only with dynamic and full"),
+                          "with none and voluntary, rwlock_needbreak never sees lock "
+                          "waiters and holding or spinning on a lock holds up RCU "
+                          "grace periods (RCU-sched)"),
         click.option("--watchdog-thresh", type=Int(1, 60), default=d.watchdog_thresh_s,
                      show_default=True,
                      help="kernel.watchdog_thresh, s: soft lockups after twice this"),

@@ -11,6 +11,12 @@ lockup) and are granted in FIFO order.  qrwlock rules modelled (kernel/locking/q
 * ``is_contended()`` (``rwlock_is_contended``) is true while anybody is queued;
   ``needbreak()`` (``rwlock_needbreak``) is that only on CONFIG_PREEMPTION kernels.
 
+On kernels without CONFIG_PREEMPT_RCU (``--preempt none|voluntary``), RCU is RCU-sched:
+spinning on or holding a lock disables preemption, which holds up grace periods like an
+RCU read-side section.  Both locks then enter an implicit read-side section when a task
+starts taking them and leave it when it releases them (``Rcu.read_lock`` nests), so RCU
+stall holdouts include CPUs spinning on mmu_lock.
+
 As a Resource, a lock stands for its contention and its writer: bulk loops that test
 ``needbreak``, or take the lock for read in each iteration, declare it; enqueueing a waiter
 and taking it for write settle them first.  Hold and wait times are recorded for the
@@ -51,7 +57,8 @@ class LockStats:
 class SpinLock(Resource):
     """``spin_lock``/``spin_unlock`` with a FIFO (ticket/queued) waiter order."""
 
-    __slots__ = ("host", "name", "holder", "queue", "since", "stats", "_wait_start")
+    __slots__ = ("host", "name", "holder", "queue", "since", "stats", "_wait_start",
+                 "implicit_rcu")
 
     def __init__(self, host: "Host", name: str):
         super().__init__()
@@ -62,9 +69,13 @@ class SpinLock(Resource):
         self.since = 0
         self.stats = LockStats()
         self._wait_start: dict[int, int] = {}
+        #: spinning and holding are RCU-sched read-side sections (no CONFIG_PREEMPT_RCU)
+        self.implicit_rcu = not host.config.preemption_enabled
 
     def acquire(self, th: "Thread") -> Generator:
         eng = self.host.engine
+        if self.implicit_rcu:
+            self.host.rcu.read_lock(th)
         if self.holder is None:
             self.holder = th
             self.since = eng.now
@@ -89,6 +100,8 @@ class SpinLock(Resource):
         st.hold_total += held
         st.max_hold = max(st.max_hold, held)
         self.holder = None
+        if self.implicit_rcu:
+            self.host.rcu.read_unlock(th)
         if self.queue:
             nxt = self.queue.popleft()
             wait = eng.now - self._wait_start.pop(nxt.id)
@@ -127,6 +140,8 @@ class RwLock(Resource):
     # ---- acquire / release --------------------------------------------------------------
 
     def read_lock(self, th: "Thread") -> Generator:
+        if not self.preemption:             # preemption off: an RCU-sched section
+            self.host.rcu.read_lock(th)
         if self.writer is None and not self.queue:
             self._grant(th, READ)
             return
@@ -138,6 +153,8 @@ class RwLock(Resource):
             eng.settle(self)
         if eng.check_settle:
             eng.assert_settled(self, None, None, False)
+        if not self.preemption:             # preemption off: an RCU-sched section
+            self.host.rcu.read_lock(th)
         if self.writer is None and not self.readers and not self.queue:
             self._grant(th, WRITE)
             return
@@ -146,6 +163,8 @@ class RwLock(Resource):
     def read_unlock(self, th: "Thread") -> None:
         self._account(th, self.stats_read)
         del self.readers[th.id]
+        if not self.preemption:
+            self.host.rcu.read_unlock(th)
         if not self.readers:
             self._advance()
 
@@ -153,6 +172,8 @@ class RwLock(Resource):
         assert self.writer is th, f"{th.name} write-unlocks {self.name} held by {self.writer}"
         self._account(th, self.stats_write)
         self.writer = None
+        if not self.preemption:
+            self.host.rcu.read_unlock(th)
         self._advance()
 
     def unlock(self, th: "Thread", mode: str) -> None:
