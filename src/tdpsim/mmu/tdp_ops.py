@@ -258,7 +258,7 @@ def kvm_tdp_mmu_try_split_huge_pages(mmu: "TdpMmu", th: "Thread", slot, start: i
                 mmu.pt.free(sp)
                 continue
             mmu.nr_pages += 1
-            yield costs.split_table + S.SPTE_ENTRIES * costs.split_spte
+            yield S.SPTE_ENTRIES * costs.split_spte
             it.next()
         rcu.read_unlock(th)
 
